@@ -1,0 +1,945 @@
+#!/usr/bin/env python3
+"""worker-monitor: a per-node agent for Kubernetes worker nodes.
+
+Every second it samples CPU usage, memory usage and network receive/transmit
+rates from /proc; every five seconds it measures the round-trip time to each
+peer in peers.txt; it serves the latest state as JSON at ``GET /stats``.
+
+One file, Python 3.8+, the standard library only.
+"""
+
+__version__ = "0.1.0"
+
+import argparse
+import email.utils
+import http.server
+import ipaddress
+import json
+import logging
+import math
+import os
+import re
+import selectors
+import shlex
+import shutil
+import signal
+import socket
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+
+log = logging.getLogger("worker-monitor")
+
+
+# ---------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_PEERS = os.path.join(HERE, "peers.txt")
+
+# /proc/stat "cpu" line, see proc(5). iowait, irq, softirq came with 2.5.41,
+# steal with 2.6.11, guest with 2.6.24, guest_nice with 2.6.33; a column an
+# old kernel lacks counts as 0.
+CPU_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq",
+              "steal", "guest", "guest_nice")
+# guest and guest_nice are already counted in user and nice (kernel/sched/
+# cputime.c account_guest_time), so they are not part of the total.
+CPU_TOTAL_FIELDS = CPU_FIELDS[:8]
+CPU_IDLE_FIELDS = ("idle", "iowait")
+
+# /proc/net/dev columns after "name:", see proc(5).
+NET_DEV_FIELDS = (
+    "rx_bytes", "rx_packets", "rx_errs", "rx_drop", "rx_fifo", "rx_frame",
+    "rx_compressed", "rx_multicast",
+    "tx_bytes", "tx_packets", "tx_errs", "tx_drop", "tx_fifo", "tx_colls",
+    "tx_carrier", "tx_compressed")
+
+# How long past --probe-timeout a probe may run (fork, exec, name lookup)
+# before its child is killed.
+PROBE_MARGIN = 1.0
+# Most probes in flight at once in one round.
+PROBE_MAX_INFLIGHT = 256
+
+# HTTP limits.
+MAX_REQUEST_LINE = 8190
+MAX_HEADER_LINE = 8190
+MAX_HEADERS = 100
+MAX_CONNECTIONS = 256
+IDLE_TIMEOUT = 30.0
+
+# A DNS host name (RFC 1123): dot-separated labels of letters, digits and
+# inner hyphens, 253 characters at most, an optional final dot.
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+HOSTNAME_RE = re.compile(r"^(?=.{1,253}\.?$)%s(?:\.%s)*\.?$" % (_LABEL, _LABEL))
+
+# iputils: "64 bytes from 127.0.0.1: icmp_seq=1 ttl=64 time=0.045 ms";
+# busybox: "64 bytes from 127.0.0.1: seq=0 ttl=64 time=1.398 ms".
+# Only a reply line counts: the summary's "time 0ms" is not an RTT.
+PING_REPLY_RE = re.compile(
+    r"bytes from .*?\btime[=]\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|us|usec|s)\b")
+PING_UNIT = {"ms": 1.0, "us": 0.001, "usec": 0.001, "s": 1000.0}
+
+
+class MonitorError(Exception):
+    """A fault the agent reports as one line and a non-zero exit."""
+
+
+# ---------------------------------------------------------------------------
+# Parsing (pure: text in, values out)
+# ---------------------------------------------------------------------------
+
+def parse_stat(text):
+    """Return the aggregate CPU times of /proc/stat as {field: ticks}."""
+    for line in text.splitlines():
+        parts = line.split()
+        if parts and parts[0] == "cpu":
+            values = [int(v) for v in parts[1:1 + len(CPU_FIELDS)]]
+            values += [0] * (len(CPU_FIELDS) - len(values))
+            return dict(zip(CPU_FIELDS, values))
+    raise ValueError("no aggregate cpu line")
+
+
+def parse_meminfo(text):
+    """Return /proc/meminfo as {name: kB}; lines that do not parse are left out."""
+    out = {}
+    for line in text.splitlines():
+        name, sep, rest = line.partition(":")
+        fields = rest.split()
+        if sep and fields:
+            try:
+                out[name.strip()] = int(fields[0])
+            except ValueError:
+                continue
+    return out
+
+
+def parse_net_dev(text):
+    """Return /proc/net/dev as {interface: {column: count}}.
+
+    The name is everything before the last colon: names may hold a colon
+    (aliases such as "team0:1"), and kernels before 3.x print no space after
+    the colon once the receive byte counter is wide ("eth0:68210035552 ...").
+    A line that does not parse is left out; it never fails the others.
+    """
+    out = {}
+    for line in text.splitlines():
+        name, sep, rest = line.rpartition(":")
+        name = name.strip()
+        fields = rest.split()
+        if not sep or not name or "|" in name or len(fields) < len(NET_DEV_FIELDS):
+            continue
+        try:
+            values = [int(v) for v in fields[:len(NET_DEV_FIELDS)]]
+        except ValueError:
+            continue
+        out[name] = dict(zip(NET_DEV_FIELDS, values))
+    return out
+
+
+def parse_ping(text):
+    """Return the RTT in ms of the first reply line of ping's output, or None."""
+    for line in text.splitlines():
+        m = PING_REPLY_RE.search(line)
+        if m:
+            return float(m.group(1)) * PING_UNIT[m.group(2)]
+    return None
+
+
+def valid_peer(name):
+    """True for an IPv4 or IPv6 literal or a DNS host name, nothing else."""
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return bool(HOSTNAME_RE.match(name))
+
+
+def parse_peers(text):
+    """Return (peers, problems) from peers.txt text.
+
+    peers keeps file order without duplicates; problems is a list of
+    (line number, message) for the lines that were skipped.
+    """
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    peers, seen, problems = [], set(), []
+    for number, line in enumerate(text.splitlines(), 1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        if not valid_peer(entry):
+            problems.append((number, "not an IP address or host name: %r" % entry))
+            continue
+        if entry not in seen:
+            seen.add(entry)
+            peers.append(entry)
+    return peers, problems
+
+
+# ---------------------------------------------------------------------------
+# Rates (pure: two snapshots in, one value out)
+# ---------------------------------------------------------------------------
+
+def clamp01(x):
+    return min(1.0, max(0.0, x))
+
+
+def cpu_usage(prev, cur):
+    """Busy share of all CPUs between two parse_stat() results, or None."""
+    # A field that went backwards (iowait does on some kernels) counts as 0.
+    delta = {f: max(0, cur[f] - prev[f]) for f in CPU_TOTAL_FIELDS}
+    total = sum(delta.values())
+    if total <= 0:
+        return None
+    busy = total - sum(delta[f] for f in CPU_IDLE_FIELDS)
+    return round(clamp01(busy / total), 4)
+
+
+def mem_usage(meminfo):
+    """1 - MemAvailable/MemTotal from parse_meminfo(), or None."""
+    total = meminfo.get("MemTotal")
+    if not total or total <= 0:
+        return None
+    available = meminfo.get("MemAvailable")
+    if available is None:
+        # Kernels before 3.14 have no MemAvailable; estimate it as free(1) did.
+        if "MemFree" not in meminfo:
+            return None
+        available = sum(meminfo.get(k, 0) for k in
+                        ("MemFree", "Buffers", "Cached", "SReclaimable"))
+    return round(clamp01(1.0 - available / total), 4)
+
+
+def net_rates(prev, cur, elapsed, names):
+    """(rx, tx) in Mbit/s over names between two parse_net_dev() results."""
+    if elapsed is None or elapsed <= 0:
+        return None, None
+    rx = tx = 0
+    for name in names:
+        before, after = prev.get(name), cur.get(name)
+        if before is None or after is None:
+            continue            # seen only once: contributes 0
+        # A counter that went down (device recreated, 32-bit wrap) gives 0.
+        rx += max(0, after["rx_bytes"] - before["rx_bytes"])
+        tx += max(0, after["tx_bytes"] - before["tx_bytes"])
+    scale = 8 / 1e6 / elapsed
+    return round(rx * scale, 3), round(tx * scale, 3)
+
+
+# ---------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------
+
+class Faults:
+    """Logs a persistent fault when it starts and when it ends, not each time."""
+
+    def __init__(self):
+        self._active = {}
+        self._lock = threading.Lock()
+
+    def start(self, key, message, level=logging.WARNING):
+        with self._lock:
+            if self._active.get(key) == message:
+                return
+            self._active[key] = message
+        log.log(level, "%s", message)
+
+    def end(self, key, message):
+        with self._lock:
+            if self._active.pop(key, None) is None:
+                return
+        log.info("%s", message)
+
+    def active(self, key):
+        with self._lock:
+            return key in self._active
+
+
+def read_text(root, name):
+    with open(os.path.join(root, name), encoding="ascii", errors="replace") as f:
+        return f.read()
+
+
+def select_interfaces(names, sysfs):
+    """Physical interfaces (with a device link in sysfs); else all but lo.
+
+    Virtual devices (veth, bridges, tunnels, VLANs, aliases) are left out:
+    their traffic is already counted on the physical ones.
+    """
+    net = os.path.join(sysfs, "class", "net")
+    physical = [n for n in names if os.path.exists(os.path.join(net, n, "device"))]
+    return physical or [n for n in names if n != "lo"]
+
+
+class Sampler:
+    """Reads /proc once per interval and publishes rates to the State."""
+
+    def __init__(self, state, procfs, sysfs, interval, faults, on_sample=None):
+        self.state = state
+        self.procfs = procfs
+        self.sysfs = sysfs
+        self.interval = interval
+        self.faults = faults
+        self.on_sample = on_sample
+        self.prev = None
+
+    def _read(self, name, parse):
+        try:
+            value = parse(read_text(self.procfs, name))
+        except (OSError, ValueError, UnicodeError) as e:
+            self.faults.start("read " + name, "cannot read %s: %s" % (
+                os.path.join(self.procfs, name), e))
+            return None
+        self.faults.end("read " + name, "%s readable again" % os.path.join(self.procfs, name))
+        return value
+
+    def read(self):
+        """Return one raw snapshot: the time and the parsed files (None when unreadable)."""
+        return {
+            "mono": time.monotonic(),
+            "time": time.time(),
+            "stat": self._read("stat", parse_stat),
+            "meminfo": self._read("meminfo", parse_meminfo),
+            "netdev": self._read("net/dev", parse_net_dev),
+        }
+
+    def sample(self):
+        """Take a snapshot; publish the rates against the previous one."""
+        cur = self.read()
+        prev, self.prev = self.prev, cur
+        if prev is None:
+            return False
+        cpu = rx = tx = None
+        if prev["stat"] and cur["stat"]:
+            cpu = cpu_usage(prev["stat"], cur["stat"])
+        mem = mem_usage(cur["meminfo"]) if cur["meminfo"] is not None else None
+        if prev["netdev"] is not None and cur["netdev"] is not None:
+            names = select_interfaces(list(cur["netdev"]), self.sysfs)
+            rx, tx = net_rates(prev["netdev"], cur["netdev"],
+                               cur["mono"] - prev["mono"], names)
+        self.state.set_sample(int(cur["time"]), cpu, mem, rx, tx)
+        return True
+
+    def run(self, stop):
+        start = time.monotonic()
+        tick = 0
+        while not stop.is_set():
+            try:
+                published = self.sample()
+                self.faults.end("sampler", "sampler recovered")
+            except Exception as e:  # a bug must cost one sample, not the loop
+                log.debug("sampler failed", exc_info=True)
+                self.faults.start("sampler", "sampler failed: %r" % e, logging.ERROR)
+                published = False
+            if published and self.on_sample:
+                self.on_sample()
+            # Next point of a fixed grid: no drift; missed ticks are skipped.
+            tick = max(tick + 1, math.floor((time.monotonic() - start) / self.interval) + 1)
+            stop.wait(max(0.0, start + tick * self.interval - time.monotonic()))
+
+
+# ---------------------------------------------------------------------------
+# Probing
+# ---------------------------------------------------------------------------
+
+class PeerList:
+    """peers.txt, re-read when it changes; the last good list stays in force."""
+
+    def __init__(self, path, faults):
+        self.path = path
+        self.faults = faults
+        self.peers = []
+        self._stamp = None
+        self._lock = threading.Lock()
+
+    def refresh(self, force=False):
+        """Re-read the file if it changed (or force); return True if the list changed."""
+        with self._lock:
+            try:
+                st = os.stat(self.path)
+                stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+                if stamp == self._stamp and not force:
+                    return False
+                with open(self.path, encoding="utf-8", errors="replace") as f:
+                    text = f.read()
+            except FileNotFoundError:
+                if self._stamp is None and not self.faults.active("peers"):
+                    self.faults.start("peers", "peers file %s not found: no peers to probe" % self.path)
+                    self._stamp = "missing"
+                    return False
+                self.faults.start("peers", "peers file %s not found: keeping %d peers" % (
+                    self.path, len(self.peers)))
+                return False
+            except OSError as e:
+                self.faults.start("peers", "cannot read peers file %s: %s (keeping %d peers)" % (
+                    self.path, e.strerror or e, len(self.peers)))
+                return False
+            self.faults.end("peers", "peers file %s readable again" % self.path)
+            self._stamp = stamp
+            peers, problems = parse_peers(text)
+            for number, message in problems:
+                log.warning("%s:%d: skipped: %s", self.path, number, message)
+            changed = peers != self.peers
+            if changed:
+                log.info("%d peers from %s", len(peers), self.path)
+            self.peers = peers
+            return changed
+
+
+class PingEngine:
+    """Runs the ping program once per peer, concurrently, each with a deadline."""
+
+    name = "ping"
+
+    def __init__(self, command, timeout, faults):
+        self.argv0 = shlex.split(command) or ["ping"]
+        self.timeout = timeout
+        self.faults = faults
+        self.env = dict(os.environ, LC_ALL="C", LANG="C")
+
+    def argv(self, peer):
+        argv = list(self.argv0) + ["-n", "-c1", "-W%d" % max(1, math.ceil(self.timeout))]
+        if ":" in peer:
+            argv.append("-6")
+        return argv + [peer]
+
+    def probe(self, peers, stop):
+        """Probe every peer once; return {peer: (rtt_ms or None, error or None)}."""
+        results = {}
+        pending = list(peers)
+        inflight = {}
+        sel = selectors.DefaultSelector()
+        try:
+            while (pending or inflight) and not stop.is_set():
+                while pending and len(inflight) < PROBE_MAX_INFLIGHT:
+                    peer = pending.pop(0)
+                    try:
+                        proc = subprocess.Popen(
+                            self.argv(peer), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=self.env, close_fds=True)
+                    except OSError as e:
+                        self.faults.start("ping", "cannot run %s: %s; latency will be null" % (
+                            self.argv0[0], e.strerror or e), logging.ERROR)
+                        results[peer] = (None, "cannot run ping")
+                        continue
+                    os.set_blocking(proc.stdout.fileno(), False)
+                    deadline = time.monotonic() + self.timeout + PROBE_MARGIN
+                    inflight[proc.stdout.fileno()] = [peer, proc, deadline, []]
+                    sel.register(proc.stdout.fileno(), selectors.EVENT_READ)
+                if not inflight:
+                    continue
+                now = time.monotonic()
+                wait = min(0.2, max(0.0, min(p[2] for p in inflight.values()) - now))
+                for key, _ in sel.select(wait):
+                    entry = inflight[key.fd]
+                    try:
+                        chunk = os.read(key.fd, 65536)
+                    except BlockingIOError:
+                        continue
+                    if chunk:
+                        entry[3].append(chunk)
+                        continue
+                    sel.unregister(key.fd)
+                    del inflight[key.fd]
+                    results[entry[0]] = self._finish(entry)
+                now = time.monotonic()
+                for fd, entry in list(inflight.items()):
+                    if now >= entry[2]:
+                        entry[1].kill()
+                        sel.unregister(fd)
+                        del inflight[fd]
+                        self._reap(entry[1])
+                        results[entry[0]] = (None, "timeout")
+        finally:
+            for fd, entry in inflight.items():
+                entry[1].kill()
+                self._reap(entry[1])
+            sel.close()
+        return results
+
+    @staticmethod
+    def _reap(proc):
+        try:
+            proc.wait(1.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+
+    def _finish(self, entry):
+        peer, proc, _, chunks = entry
+        self._reap(proc)
+        out = b"".join(chunks).decode("utf-8", "replace")
+        rtt = parse_ping(out)
+        if rtt is not None:
+            self.faults.end("ping", "%s works again" % self.argv0[0])
+            if rtt > self.timeout * 1000:
+                return None, "timeout"
+            return round(rtt, 3), None
+        lowered = out.lower()
+        if "not permitted" in lowered or "permission denied" in lowered:
+            self.faults.start("ping", "%s is not permitted to send ICMP (needs CAP_NET_RAW or "
+                              "net.ipv4.ping_group_range): %s" % (self.argv0[0], out.strip()
+                                                                  .splitlines()[0]),
+                              logging.ERROR)
+            return None, "not permitted"
+        if proc.returncode == 1 or not out.strip() or "packet loss" in lowered:
+            return None, "no reply"
+        return None, out.strip().splitlines()[-1][:200]
+
+
+class Prober:
+    """Probes every peer once per round on a fixed schedule."""
+
+    def __init__(self, state, peers, engine, interval, faults):
+        self.state = state
+        self.peers = peers
+        self.engine = engine
+        self.interval = interval
+        self.faults = faults
+        self.rounds = 0
+
+    def round(self, stop):
+        if self.peers.refresh():
+            self.state.set_peers(self.peers.peers)
+        peers = list(self.peers.peers)
+        results = self.engine.probe(peers, stop) if peers else {}
+        if stop.is_set():
+            return
+        latency = {}
+        for peer in peers:
+            rtt, error = results.get(peer, (None, "not probed"))
+            latency[peer] = rtt
+            if rtt is None and error not in ("cannot run ping", "not permitted"):
+                self.faults.start("peer " + peer, "peer %s: %s" % (peer, error))
+            elif rtt is not None:
+                self.faults.end("peer " + peer, "peer %s: replying again (%.3f ms)" % (peer, rtt))
+        self.state.set_latency(peers, latency)
+        self.rounds += 1
+
+    def run(self, stop):
+        start = time.monotonic()
+        tick = 0
+        while not stop.is_set():
+            try:
+                self.round(stop)
+            except Exception as e:  # a bug must cost one round, not the loop
+                log.debug("probe round failed", exc_info=True)
+                self.faults.start("prober", "probe round failed: %r" % e, logging.ERROR)
+            tick = max(tick + 1, math.floor((time.monotonic() - start) / self.interval) + 1)
+            stop.wait(max(0.0, start + tick * self.interval - time.monotonic()))
+
+
+# ---------------------------------------------------------------------------
+# Shared state
+# ---------------------------------------------------------------------------
+
+def json_bytes(obj):
+    return json.dumps(obj, separators=(", ", ": "), allow_nan=False).encode()
+
+
+class State:
+    """The latest sample and latency, with the /stats body built once per change."""
+
+    def __init__(self, node_name):
+        self.node_name = node_name
+        self._lock = threading.Lock()
+        self._sample = None
+        self._latency = {}
+        self.stats_body = None      # bytes, swapped whole; None before the first sample
+        self.sample_mono = None
+
+    def set_sample(self, timestamp, cpu, mem, rx, tx):
+        with self._lock:
+            self._sample = (timestamp, cpu, mem, rx, tx)
+            self.sample_mono = time.monotonic()
+            self._rebuild()
+
+    def set_peers(self, peers):
+        """Take a new peer list: new peers are null until probed, removed ones go."""
+        with self._lock:
+            self._latency = {p: self._latency.get(p) for p in peers}
+            self._rebuild()
+
+    def set_latency(self, peers, latency):
+        with self._lock:
+            self._latency = {p: latency.get(p) for p in peers}
+            self._rebuild()
+
+    def _rebuild(self):
+        if self._sample is None:
+            return
+        timestamp, cpu, mem, rx, tx = self._sample
+        self.stats_body = json_bytes({
+            "nodeName": self.node_name, "timestamp": timestamp, "cpu": cpu, "mem": mem,
+            "net": {"rx": rx, "tx": tx}, "latency": self._latency,
+        })
+
+    def stats(self):
+        """A dict of the latest /stats document, or None before the first sample."""
+        body = self.stats_body
+        return None if body is None else json.loads(body)
+
+
+# ---------------------------------------------------------------------------
+# HTTP
+# ---------------------------------------------------------------------------
+
+JSON_TYPE = "application/json"
+ENDPOINTS = ("/stats",)
+ALLOWED = "GET, HEAD"
+
+
+def error_body(status, message, **extra):
+    return json_bytes(dict({"error": message, "status": status}, **extra))
+
+
+def render(state, method, target):
+    """Answer one request without a socket: (status, [(header, value)], body)."""
+    path = target.split("?", 1)[0]
+    if method not in ("GET", "HEAD"):
+        return 405, [("Allow", ALLOWED), ("Content-Type", JSON_TYPE)], \
+            error_body(405, "method not allowed", allow=ALLOWED)
+    if path == "/stats":
+        body = state.stats_body
+        if body is None:
+            return 503, [("Retry-After", "1"), ("Content-Type", JSON_TYPE)], \
+                error_body(503, "no sample yet")
+        return 200, [("Content-Type", JSON_TYPE), ("Cache-Control", "no-store")], body
+    return 404, [("Content-Type", JSON_TYPE)], \
+        error_body(404, "not found", endpoints=list(ENDPOINTS))
+
+
+_date_cache = [0, ""]
+
+
+def http_date():
+    """The Date header, formatted once per second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[:] = [now, email.utils.formatdate(now, usegmt=True)]
+    return _date_cache[1]
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Reads a request, asks render(), writes the answer in one send.
+
+    http.server's own parse_request runs the email package over the headers
+    and its send_response writes head and body in two sends; with Nagle's
+    algorithm and the client's delayed ACK a keep-alive client then waits
+    ~40 ms per request. Here the head is parsed by hand and the whole
+    response goes out in one sendall on a TCP_NODELAY socket.
+    """
+
+    protocol_version = "HTTP/1.1"
+    server_version = "worker-monitor/" + __version__
+    timeout = IDLE_TIMEOUT
+    disable_nagle_algorithm = True
+
+    def handle(self):
+        self.close_connection = False
+        try:
+            while not self.close_connection:
+                self.handle_one_request()
+        except (OSError, ValueError):
+            # The client went away or stopped reading: nothing to tell it.
+            self.close_connection = True
+
+    def finish(self):
+        try:
+            super().finish()
+        except OSError:
+            pass
+
+    def handle_one_request(self):
+        line = self.rfile.readline(MAX_REQUEST_LINE + 1)
+        if not line:
+            self.close_connection = True
+            return
+        if len(line) > MAX_REQUEST_LINE:
+            return self.reply_error(414, "request line too long")
+        parts = line.decode("latin-1").split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            return self.reply_error(400, "bad request line")
+        method, target, version = parts
+        keep_alive = version == "HTTP/1.1"
+        has_body = False
+        for _ in range(MAX_HEADERS + 1):
+            header = self.rfile.readline(MAX_HEADER_LINE + 1)
+            if len(header) > MAX_HEADER_LINE:
+                return self.reply_error(431, "header line too long")
+            if header in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = header.partition(b":")
+            name = name.strip().lower()
+            if name == b"connection":
+                value = value.strip().lower()
+                if b"close" in value:
+                    keep_alive = False
+                elif b"keep-alive" in value:
+                    keep_alive = True
+            elif name in (b"content-length", b"transfer-encoding") and \
+                    value.strip() not in (b"0", b""):
+                has_body = True
+        else:
+            return self.reply_error(431, "too many header lines")
+        if not header:
+            self.close_connection = True
+            return
+        self.command, self.path, self.request_version = method, target, version
+        status, headers, body = render(self.server.state, method, target)
+        # A body we do not read would be taken for the next request.
+        self.close_connection = not keep_alive or has_body or status == 405
+        self.write_response(status, headers, b"" if method == "HEAD" else body, len(body))
+        if self.server.access_log:
+            log.info('%s "%s %s %s" %d %d', self.client_address[0], method, target, version,
+                     status, len(body))
+
+    def reply_error(self, status, message):
+        self.close_connection = True
+        self.write_response(status, [("Content-Type", JSON_TYPE)],
+                            error_body(status, message))
+
+    def write_response(self, status, headers, body, length=None):
+        head = ["HTTP/1.1 %d %s" % (status, http.server.BaseHTTPRequestHandler.responses
+                                    .get(status, ("",))[0]),
+                "Server: " + self.server_version, "Date: " + http_date()]
+        head += ["%s: %s" % h for h in headers]
+        head.append("Content-Length: %d" % (len(body) if length is None else length))
+        if self.close_connection:
+            head.append("Connection: close")
+        self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+
+
+class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    """A thread per connection, a bounded number of connections."""
+
+    daemon_threads = True
+    block_on_close = False
+    allow_reuse_address = True
+
+    def __init__(self, address, state, access_log=False):
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.state = state
+        self.access_log = access_log
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(address, Handler)
+
+    def server_bind(self):
+        # HTTPServer.server_bind looks up the host's FQDN, which can hang on DNS.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            log.warning("%d connections open: refusing %s", MAX_CONNECTIONS, client_address[0])
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(self, request, client_address):
+        log.debug("error serving %s", client_address, exc_info=True)
+
+
+# ---------------------------------------------------------------------------
+# systemd notification (sd_notify(3) without libsystemd)
+# ---------------------------------------------------------------------------
+
+def sd_notify(message):
+    """Send message to $NOTIFY_SOCKET; a no-op when systemd did not set it."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address or address[0] not in ("/", "@"):
+        return False
+    if address[0] == "@":
+        address = "\0" + address[1:]   # abstract socket namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        return True
+    except OSError as e:
+        log.debug("sd_notify %s: %s", message, e)
+        return False
+
+
+class Watchdog:
+    """READY=1 after the first sample, then WATCHDOG=1 at half of WatchdogSec."""
+
+    def __init__(self):
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        pid = os.environ.get("WATCHDOG_PID", "")
+        enabled = usec.isdigit() and (not pid or pid == str(os.getpid()))
+        self.period = int(usec) / 2e6 if enabled else None
+        self.ready = False
+        self.last = 0.0
+
+    def on_sample(self):
+        if not self.ready:
+            self.ready = True
+            sd_notify("READY=1\nSTATUS=serving")
+        now = time.monotonic()
+        if self.period is not None and now - self.last >= min(self.period, 1.0):
+            self.last = now
+            sd_notify("WATCHDOG=1")
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number" % text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError("%r must be a positive number" % text)
+    return value
+
+
+def port_number(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a port number" % text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError("%r is not a port number (0-65535)" % text)
+    return value
+
+
+def ip_literal(text):
+    try:
+        return str(ipaddress.ip_address(text.strip("[]")))
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not an IPv4 or IPv6 address" % text)
+
+
+def directory(text):
+    if not os.path.isdir(text):
+        raise argparse.ArgumentTypeError("%r is not a directory" % text)
+    return text
+
+
+def build_parser():
+    p = ArgumentParser(
+        prog="worker_monitor.py",
+        description="Serve this node's CPU, memory, network rates and peer latency as JSON.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--port", type=port_number, default=8080, help="HTTP port")
+    p.add_argument("--bind", type=ip_literal, default="0.0.0.0",
+                   help="listen address (IPv4 or IPv6 literal)")
+    p.add_argument("--peers", default=DEFAULT_PEERS, metavar="PATH",
+                   help="peer list, one address or host name per line")
+    p.add_argument("--interval", type=positive_float, default=1.0, metavar="S",
+                   help="sampling period, seconds")
+    p.add_argument("--probe-interval", type=positive_float, default=5.0, metavar="S",
+                   help="latency round period, seconds")
+    p.add_argument("--probe-timeout", type=positive_float, default=1.0, metavar="S",
+                   help="per-probe reply timeout, seconds (ping -W)")
+    p.add_argument("--ping", default="ping", metavar="CMD", help="the ping program to run")
+    p.add_argument("--probe", choices=("ping",), default="ping", metavar="ENGINE",
+                   help="probe engine: ping runs the ping program")
+    p.add_argument("--node-name", default=os.environ.get("NODE_NAME") or socket.gethostname(),
+                   metavar="NAME", help="nodeName in the output ($NODE_NAME, else the hostname)")
+    p.add_argument("--procfs", type=directory, default="/proc", metavar="DIR",
+                   help="where to read stat, meminfo and net/dev")
+    p.add_argument("--sysfs", type=directory, default="/sys", metavar="DIR",
+                   help="where to read class/net/*")
+    p.add_argument("--log-level", default="info",
+                   choices=("debug", "info", "warning", "error"), help="log level")
+    p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p.add_argument("--version", action="version", version="worker-monitor " + __version__)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(levelname)s: %(message)s")
+
+    faults = Faults()
+    state = State(args.node_name)
+    try:
+        server = Server((args.bind, args.port), state, access_log=args.access_log)
+    except OSError as e:
+        log.error("cannot listen on %s port %d: %s", args.bind, args.port, e.strerror or e)
+        return 1
+
+    stop = threading.Event()
+    wake = threading.Event()
+    hup = threading.Event()
+
+    def on_stop(signum, frame):
+        stop.set()
+        wake.set()
+
+    def on_hup(signum, frame):
+        hup.set()
+        wake.set()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+
+    peers = PeerList(args.peers, faults)
+    peers.refresh()
+    state.set_peers(peers.peers)
+    ping_path = shutil.which(shlex.split(args.ping)[0] if args.ping.strip() else "ping")
+    if ping_path is None:
+        faults.start("ping", "ping program %r not found; latency will be null" % args.ping,
+                     logging.ERROR)
+    engine = PingEngine(args.ping, args.probe_timeout, faults)
+    watchdog = Watchdog()
+    sampler = Sampler(state, args.procfs, args.sysfs, args.interval, faults, watchdog.on_sample)
+    prober = Prober(state, peers, engine, args.probe_interval, faults)
+
+    threads = [
+        threading.Thread(target=server.serve_forever, args=(0.25,), name="http", daemon=True),
+        threading.Thread(target=sampler.run, args=(stop,), name="sampler", daemon=True),
+        threading.Thread(target=prober.run, args=(stop,), name="prober", daemon=True),
+    ]
+    for t in threads:
+        t.start()
+    host, port = server.server_address[:2]
+    log.info("worker-monitor %s serving http://%s:%d/stats (node %s, %d peers)",
+             __version__, "[%s]" % host if ":" in host else host, port,
+             args.node_name, len(peers.peers))
+
+    while not stop.is_set():
+        wake.wait()
+        wake.clear()
+        if hup.is_set():
+            hup.clear()
+            log.info("SIGHUP: re-reading %s", args.peers)
+            if peers.refresh(force=True):
+                state.set_peers(peers.peers)
+
+    sd_notify("STOPPING=1")
+    log.info("stopping")
+    server.shutdown()
+    server.server_close()
+    for t in threads[1:]:
+        t.join(1.5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
