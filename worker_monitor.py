@@ -11,6 +11,7 @@ One file, Python 3.8+, the standard library only.
 __version__ = "0.1.0"
 
 import argparse
+import collections
 import email.utils
 import http.server
 import ipaddress
@@ -25,10 +26,12 @@ import shutil
 import signal
 import socket
 import socketserver
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 
 log = logging.getLogger("worker-monitor")
 
@@ -62,6 +65,17 @@ NET_DEV_FIELDS = (
 PROBE_MARGIN = 1.0
 # Most probes in flight at once in one round.
 PROBE_MAX_INFLIGHT = 256
+# One round's probes start spread over at most this long (and a tenth of the
+# interval), at most PROBE_STEP apart: no burst of a thousand packets at once.
+PROBE_SPREAD = 0.5
+PROBE_STEP = 0.01
+# Rounds kept per peer for /latency (12 x 5 s = one minute).
+DEFAULT_WINDOW = 12
+# Name lookups: how long a round waits for one, how often dns:NAME lines are
+# asked again, and how soon after a failed lookup.
+DNS_TIMEOUT = 2.0
+DNS_REFRESH = 60.0
+DNS_RETRY = 15.0
 
 # HTTP limits.
 MAX_REQUEST_LINE = 8190
@@ -149,7 +163,9 @@ def parse_ping(text):
 
 
 def valid_peer(name):
-    """True for an IPv4 or IPv6 literal or a DNS host name, nothing else."""
+    """True for an IPv4 or IPv6 literal, a DNS host name or dns:NAME, nothing else."""
+    if name.startswith("dns:"):
+        return bool(HOSTNAME_RE.match(name[4:]))
     try:
         ipaddress.ip_address(name)
         return True
@@ -346,17 +362,30 @@ class Sampler:
 # ---------------------------------------------------------------------------
 
 class PeerList:
-    """peers.txt, re-read when it changes; the last good list stays in force."""
+    """peers.txt, re-read when it changes; the last good list stays in force.
 
-    def __init__(self, path, faults):
+    entries are the file's lines; peers are the keys probed, with each
+    dns:NAME line standing for every address NAME resolves to.
+    """
+
+    def __init__(self, path, faults, resolver=None):
         self.path = path
         self.faults = faults
+        self.entries = []
         self.peers = []
+        self.resolver = resolver or Resolver()
+        self._dns = {}              # name -> (monotonic time of the answer, [addresses])
         self._stamp = None
         self._lock = threading.Lock()
 
     def refresh(self, force=False):
-        """Re-read the file if it changed (or force); return True if the list changed."""
+        """Re-read the file if it changed (or force), re-resolve dns: lines when due;
+        return True if the list of peers changed."""
+        self._reread(force)
+        with self._lock:
+            return self._expand()
+
+    def _reread(self, force):
         with self._lock:
             try:
                 st = os.stat(self.path)
@@ -382,17 +411,46 @@ class PeerList:
             peers, problems = parse_peers(text)
             for number, message in problems:
                 log.warning("%s:%d: skipped: %s", self.path, number, message)
-            changed = peers != self.peers
+            changed = peers != self.entries
             if changed:
                 log.info("%d peers from %s", len(peers), self.path)
-            self.peers = peers
+            self.entries = peers
             return changed
+
+    def _expand(self):
+        names = [e[4:] for e in self.entries if e.startswith("dns:")]
+        self._dns = {n: self._dns[n] for n in names if n in self._dns}
+        now = time.monotonic()
+        due = [n for n in names if n not in self._dns or now - self._dns[n][0] >= DNS_REFRESH]
+        if due:
+            for name, (addresses, error) in self.resolver.resolve(due, DNS_TIMEOUT).items():
+                old = self._dns.get(name, (0.0, []))[1]
+                if addresses:
+                    self._dns[name] = (now, addresses)
+                    self.faults.end("dns " + name, "dns:%s resolves again (%d addresses)" % (
+                        name, len(addresses)))
+                    continue
+                # Keep the last good answer; ask again sooner than a full refresh.
+                self._dns[name] = (now - DNS_REFRESH + DNS_RETRY, old)
+                self.faults.start("dns " + name, "dns:%s: %s (keeping %d addresses)" % (
+                    name, error or "no addresses", len(old)))
+        peers, seen = [], set()
+        for entry in self.entries:
+            keys = self._dns.get(entry[4:], (0.0, []))[1] if entry.startswith("dns:") else [entry]
+            for key in keys:
+                if key not in seen:
+                    seen.add(key)
+                    peers.append(key)
+        changed = peers != self.peers
+        self.peers = peers
+        return changed
 
 
 class PingEngine:
     """Runs the ping program once per peer, concurrently, each with a deadline."""
 
     name = "ping"
+    spread = 0.0                    # seconds over which one round's probes start
 
     def __init__(self, command, timeout, faults):
         self.argv0 = shlex.split(command) or ["ping"]
@@ -412,10 +470,13 @@ class PingEngine:
         pending = list(peers)
         inflight = {}
         sel = selectors.DefaultSelector()
+        step, t0, started = probe_step(self.spread, len(peers)), time.monotonic(), 0
         try:
             while (pending or inflight) and not stop.is_set():
-                while pending and len(inflight) < PROBE_MAX_INFLIGHT:
+                while pending and len(inflight) < PROBE_MAX_INFLIGHT and \
+                        time.monotonic() >= t0 + started * step:
                     peer = pending.pop(0)
+                    started += 1
                     try:
                         proc = subprocess.Popen(
                             self.argv(peer), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -429,10 +490,14 @@ class PingEngine:
                     deadline = time.monotonic() + self.timeout + PROBE_MARGIN
                     inflight[proc.stdout.fileno()] = [peer, proc, deadline, []]
                     sel.register(proc.stdout.fileno(), selectors.EVENT_READ)
-                if not inflight:
-                    continue
                 now = time.monotonic()
-                wait = min(0.2, max(0.0, min(p[2] for p in inflight.values()) - now))
+                wait = 0.2
+                if pending and len(inflight) < PROBE_MAX_INFLIGHT:
+                    wait = min(wait, max(0.0, t0 + started * step - now))
+                if not inflight:
+                    stop.wait(wait)
+                    continue
+                wait = min(wait, max(0.0, min(p[2] for p in inflight.values()) - now))
                 for key, _ in sel.select(wait):
                     entry = inflight[key.fd]
                     try:
@@ -494,21 +559,30 @@ class PingEngine:
 class Prober:
     """Probes every peer once per round on a fixed schedule."""
 
-    def __init__(self, state, peers, engine, interval, faults):
+    def __init__(self, state, peers, engine, interval, faults, window=DEFAULT_WINDOW):
         self.state = state
         self.peers = peers
         self.engine = engine
         self.interval = interval
         self.faults = faults
         self.rounds = 0
+        self.window = LatencyWindow(window)
+        self.publish_window(list(peers.peers))
+
+    def publish_window(self, peers):
+        self.state.set_latency_doc(self.window.document(
+            peers, self.engine.name, self.interval, self.engine.timeout))
 
     def round(self, stop):
         if self.peers.refresh():
             self.state.set_peers(self.peers.peers)
         peers = list(self.peers.peers)
+        probed_at = time.time()
         results = self.engine.probe(peers, stop) if peers else {}
         if stop.is_set():
             return
+        self.window.record(peers, results, getattr(self.engine, "sent_at", {}), probed_at)
+        self.publish_window(peers)
         latency = {}
         for peer in peers:
             rtt, error = results.get(peer, (None, "not probed"))
@@ -521,7 +595,9 @@ class Prober:
         self.rounds += 1
 
     def run(self, stop):
-        start = time.monotonic()
+        # The first round runs at once; the later ones at a phase of the
+        # interval that is the node's own, so a fleet started together spreads.
+        start = time.monotonic() + round_phase(self.state.node_name, self.interval)
         tick = 0
         while not stop.is_set():
             try:
@@ -531,6 +607,455 @@ class Prober:
                 self.faults.start("prober", "probe round failed: %r" % e, logging.ERROR)
             tick = max(tick + 1, math.floor((time.monotonic() - start) / self.interval) + 1)
             stop.wait(max(0.0, start + tick * self.interval - time.monotonic()))
+
+
+# ---------------------------------------------------------------------------
+# ICMP echo engine and windowed latency statistics
+# ---------------------------------------------------------------------------
+
+ICMP_ECHO_REQUEST = {socket.AF_INET: 8, socket.AF_INET6: 128}
+ICMP_ECHO_REPLY = {socket.AF_INET: 0, socket.AF_INET6: 129}
+# Errors that quote our echo request back: destination unreachable and time
+# exceeded (RFC 792 types 3 and 11, RFC 4443 types 1 and 3).
+ICMP_ERRORS = {socket.AF_INET: {3: "unreachable", 11: "time exceeded"},
+               socket.AF_INET6: {1: "unreachable", 3: "time exceeded"}}
+ICMP_HEADER = struct.Struct("!BBHHH")      # type, code, checksum, identifier, sequence
+ICMP_TOKEN_LEN = 8
+# Socket options the socket module may not name (linux/icmp.h, icmpv6.h, socket.h).
+SOL_RAW = 255
+ICMP_FILTER = 1
+ICMP6_FILTER = 1
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+TIMESPEC = struct.Struct("@ll")
+
+
+def probe_step(spread, count):
+    """Seconds between the starts of two probes of one round."""
+    return min(PROBE_STEP, spread / count) if count else 0.0
+
+
+def round_phase(node_name, interval):
+    """A stable offset in [0, interval) from the node name (CRC-32, not random)."""
+    return zlib.crc32(node_name.encode("utf-8", "replace")) / 2 ** 32 * interval
+
+
+def icmp_checksum(data):
+    """The Internet checksum (RFC 1071) of data."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    total = (total >> 16) + (total & 0xffff)
+    total += total >> 16
+    return ~total & 0xffff
+
+
+def build_echo(family, ident, seq, payload):
+    """An ICMP or ICMPv6 echo request (the kernel sums ICMPv6 itself, RFC 3542 3.1)."""
+    head = ICMP_HEADER.pack(ICMP_ECHO_REQUEST[family], 0, 0, ident, seq)
+    if family == socket.AF_INET:
+        head = ICMP_HEADER.pack(ICMP_ECHO_REQUEST[family], 0,
+                                icmp_checksum(head + payload), ident, seq)
+    return head + payload
+
+
+def parse_icmp(family, packet, ip_header):
+    """Return ("reply", ident, seq, payload), ("error", ident, seq, what) or None.
+
+    A raw IPv4 socket reads the IP header too (ip_header=True); IPv6 and
+    datagram sockets read the ICMP message alone (raw(7), icmp(7)). An error
+    is matched by the echo request it quotes after the offending IP header.
+    """
+    if ip_header:
+        if len(packet) < 20:
+            return None
+        packet = packet[(packet[0] & 0x0f) * 4:]
+        if icmp_checksum(packet):
+            return None
+    if len(packet) < ICMP_HEADER.size:
+        return None
+    kind, code, _, ident, seq = ICMP_HEADER.unpack_from(packet)
+    if kind == ICMP_ECHO_REPLY[family]:
+        return "reply", ident, seq, packet[ICMP_HEADER.size:]
+    what = ICMP_ERRORS[family].get(kind)
+    if what is None:
+        return None
+    inner = packet[ICMP_HEADER.size:]
+    if family == socket.AF_INET:
+        if len(inner) < 20:
+            return None
+        inner = inner[(inner[0] & 0x0f) * 4:]
+    else:
+        inner = inner[40:]
+    if len(inner) < ICMP_HEADER.size:
+        return None
+    kind, _, _, ident, seq = ICMP_HEADER.unpack_from(inner)
+    if kind != ICMP_ECHO_REQUEST[family]:
+        return None
+    return "error", ident, seq, "%s (code %d)" % (what, code)
+
+
+def family_of(address):
+    """socket.AF_INET or AF_INET6 for an IP literal, None for anything else."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, address.split("%", 1)[0])
+            return family
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def address_key(address):
+    """Sort key: IPv4 before IPv6, then numerically."""
+    family = family_of(address)
+    return (family != socket.AF_INET,
+            socket.inet_pton(family, address.split("%", 1)[0]) if family else b"", address)
+
+
+class Resolver:
+    """getaddrinfo with a bounded wait, each lookup in a daemon thread.
+
+    The C library's resolver cannot be interrupted: a lookup that outlives the
+    wait goes on, no second lookup of the same name starts meanwhile, and its
+    answer serves the next call.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._jobs = {}             # name -> [done Event, addresses, error]
+
+    def resolve(self, names, timeout):
+        """Return {name: (sorted addresses or None, error or None)} within timeout seconds."""
+        jobs = {}
+        with self._lock:
+            for name in names:
+                job = self._jobs.get(name)
+                if job is None:
+                    job = self._jobs[name] = [threading.Event(), None, None]
+                    threading.Thread(target=self._lookup, args=(name, job),
+                                     name="resolve", daemon=True).start()
+                jobs[name] = job
+        deadline = time.monotonic() + timeout
+        out = {}
+        for name, job in jobs.items():
+            if job[0].wait(max(0.0, deadline - time.monotonic())):
+                with self._lock:
+                    if self._jobs.get(name) is job:
+                        del self._jobs[name]
+                out[name] = (job[1], job[2])
+            else:
+                out[name] = (None, "name lookup timed out after %gs" % timeout)
+        return out
+
+    @staticmethod
+    def _lookup(name, job):
+        try:
+            infos = socket.getaddrinfo(name, None, socket.AF_UNSPEC, socket.SOCK_DGRAM)
+            job[1] = sorted({info[4][0] for info in infos
+                             if info[0] in (socket.AF_INET, socket.AF_INET6)}, key=address_key)
+        except (OSError, UnicodeError) as e:
+            job[2] = "cannot resolve %s: %s" % (name, getattr(e, "strerror", None) or e)
+        job[0].set()
+
+
+def open_icmp_socket(family, kind=None):
+    """Return (socket, raw) for ICMP echo: raw if allowed, else an ICMP datagram socket.
+
+    A raw socket needs CAP_NET_RAW; a datagram ("ping") socket needs the
+    group in net.ipv4.ping_group_range, which covers ICMPv6 too (icmp(7)).
+    kind forces "raw" or "dgram".
+    """
+    proto = socket.IPPROTO_ICMP if family == socket.AF_INET else socket.IPPROTO_ICMPV6
+    errors = []
+    for k in (kind,) if kind else ("raw", "dgram"):
+        try:
+            sock = socket.socket(family, socket.SOCK_RAW if k == "raw" else socket.SOCK_DGRAM,
+                                 proto)
+        except OSError as e:
+            errors.append("%s socket: %s" % (k, e.strerror or e))
+            continue
+        try:
+            if k == "raw" and family == socket.AF_INET:
+                # Bit n set drops ICMP type n before it reaches us (raw(7) ICMP_FILTER).
+                keep = (1 << 0) | (1 << 3) | (1 << 11)
+                sock.setsockopt(SOL_RAW, ICMP_FILTER, struct.pack("I", ~keep & 0xffffffff))
+            elif k == "raw":
+                # struct icmp6_filter: 256 bits, a set bit blocks that type (RFC 3542 3.2).
+                words = [0xffffffff] * 8
+                for t in (1, 3, 129):
+                    words[t >> 5] &= ~(1 << (t & 31))
+                sock.setsockopt(socket.IPPROTO_ICMPV6, ICMP6_FILTER, struct.pack("8I", *words))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        except OSError as e:
+            log.debug("ICMP socket option: %s", e)
+        sock.setblocking(False)
+        return sock, k == "raw"
+    raise OSError("no ICMP%s socket (%s)" % ("" if family == socket.AF_INET else "v6",
+                                             "; ".join(errors)))
+
+
+def icmp_available(kind=None):
+    """(True, "raw"/"dgram") if this process can open an ICMP socket, else (False, why)."""
+    try:
+        sock, raw = open_icmp_socket(socket.AF_INET, kind)
+    except OSError as e:
+        return False, str(e)
+    sock.close()
+    return True, "raw" if raw else "dgram"
+
+
+class IcmpEngine:
+    """Sends ICMP echo requests itself: one socket per family for all peers.
+
+    Requests carry our identifier, a sequence number and a random token; a
+    reply counts when its sequence is in flight, its payload starts with the
+    token, it comes from the probed address and (raw sockets) carries our
+    identifier: a datagram socket's identifier is set by the kernel.
+    """
+
+    name = "icmp"
+    spread = 0.0
+
+    def __init__(self, timeout, faults, kind=None, resolver=None):
+        self.timeout = timeout
+        self.faults = faults
+        self.kind = kind
+        self.resolver = resolver or Resolver()
+        self.token = os.urandom(ICMP_TOKEN_LEN)
+        self.payload = self.token + b"worker-m"
+        self.ident = int.from_bytes(os.urandom(2), "big")
+        self.seq = int.from_bytes(os.urandom(2), "big")
+        self.socks = {}             # family -> (socket, raw)
+        self.names = {}             # host name -> (monotonic time, address)
+        self.sent_at = {}           # peer -> wall time its request left, last round
+
+    def close(self):
+        for sock, _ in self.socks.values():
+            sock.close()
+        self.socks = {}
+
+    def _socket(self, family):
+        if family not in self.socks:
+            key = "icmp socket %d" % family
+            try:
+                self.socks[family] = open_icmp_socket(family, self.kind)
+            except OSError as e:
+                self.faults.start(key, "icmp engine: %s; those peers will be null" % e,
+                                  logging.ERROR)
+                return None
+            self.faults.end(key, "icmp engine: socket open again")
+        return self.socks[family]
+
+    def _targets(self, peers, results):
+        """[(peer, family, address)], with host names resolved in bounded time."""
+        now = time.monotonic()
+        due = [p for p in peers if family_of(p) is None and
+               (p not in self.names or now - self.names[p][0] >= DNS_REFRESH)]
+        if due:
+            for name, (addresses, error) in self.resolver.resolve(due, DNS_TIMEOUT).items():
+                if addresses:
+                    self.names[name] = (now, addresses[0])
+                elif name in self.names:
+                    self.names[name] = (now - DNS_REFRESH + DNS_RETRY, self.names[name][1])
+                else:
+                    results[name] = (None, error or "no address")
+        self.names = {p: self.names[p] for p in peers if p in self.names}
+        targets = []
+        for peer in peers:
+            address = self.names[peer][1] if peer in self.names else peer
+            family = family_of(address)
+            if family is not None and peer not in results:
+                targets.append((peer, family, address))
+        return targets
+
+    def _drain(self):
+        """Drop replies that came after their deadline."""
+        for sock, _ in self.socks.values():
+            try:
+                while sock.recv(4096):
+                    pass
+            except OSError:
+                pass
+
+    def probe(self, peers, stop):
+        """Probe every peer once; return {peer: (rtt_ms or None, error or None)}."""
+        results = {}
+        sent_at = self.sent_at = {}
+        targets = self._targets(peers, results)
+        self._drain()
+        sel = selectors.DefaultSelector()
+        inflight = {}               # seq -> [peer, family, packed address, mono, wall, deadline]
+        step, t0, i = probe_step(self.spread, len(targets)), time.monotonic(), 0
+        try:
+            while (i < len(targets) or inflight) and not stop.is_set():
+                now = time.monotonic()
+                while i < len(targets) and now >= t0 + i * step:
+                    self._send(targets[i], inflight, results, sent_at, sel)
+                    i += 1
+                    now = time.monotonic()
+                wait = 0.2
+                if i < len(targets):
+                    wait = min(wait, t0 + i * step - now)
+                if inflight:
+                    # Insertion order is send order, so the first deadline is the next.
+                    wait = min(wait, next(iter(inflight.values()))[5] - now)
+                for key, _ in sel.select(max(0.0, wait)):
+                    self._receive(key.fileobj, key.data, inflight, results)
+                now = time.monotonic()
+                while inflight:
+                    seq, entry = next(iter(inflight.items()))
+                    if entry[5] > now:
+                        break
+                    del inflight[seq]
+                    results[entry[0]] = (None, "timeout")
+        finally:
+            sel.close()
+        return results
+
+    def _send(self, target, inflight, results, sent_at, sel):
+        peer, family, address = target
+        opened = self._socket(family)
+        if opened is None:
+            results[peer] = (None, "no ICMP socket")
+            return
+        sock, raw = opened
+        if sock.fileno() not in sel.get_map():
+            sel.register(sock, selectors.EVENT_READ, raw)
+        self.seq = (self.seq + 1) & 0xffff
+        packet = build_echo(family, self.ident, self.seq, self.payload)
+        host = address.split("%", 1)[0]
+        if family == socket.AF_INET:
+            sockaddr = (address, 0)
+        elif "%" in address:        # a link-local address names its interface
+            sockaddr = socket.getaddrinfo(address, None, family, socket.SOCK_DGRAM)[0][4]
+        else:
+            sockaddr = (address, 0, 0, 0)
+        mono, wall = time.monotonic(), time.time()
+        try:
+            sock.sendto(packet, sockaddr)
+        except OSError as e:
+            results[peer] = (None, e.strerror or str(e))
+            if e.errno in (1, 13):      # EPERM, EACCES
+                self.faults.start("icmp send", "icmp engine: not permitted to send: %s" % e,
+                                  logging.ERROR)
+            return
+        sent_at[peer] = wall
+        inflight[self.seq] = [peer, family, socket.inet_pton(family, host), mono, wall,
+                              mono + self.timeout]
+
+    def _receive(self, sock, raw, inflight, results):
+        family = sock.family
+        while True:
+            try:
+                data, ancdata, _, source = sock.recvmsg(4096, 64)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.debug("icmp receive: %s", e)
+                return
+            mono = time.monotonic()
+            parsed = parse_icmp(family, data, raw and family == socket.AF_INET)
+            if parsed is None:
+                continue
+            what, ident, seq, rest = parsed
+            entry = inflight.get(seq)
+            if entry is None or entry[1] != family or (raw and ident != self.ident):
+                continue
+            if what == "error":
+                del inflight[seq]
+                results[entry[0]] = (None, rest)
+                continue
+            try:
+                from_peer = socket.inet_pton(family, source[0].split("%", 1)[0]) == entry[2]
+            except (OSError, ValueError):
+                from_peer = False
+            if not rest.startswith(self.token) or not from_peer:
+                continue
+            del inflight[seq]
+            rtt = (mono - entry[3]) * 1000
+            for level, kind, value in ancdata:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and \
+                        len(value) >= TIMESPEC.size:
+                    sec, nsec = TIMESPEC.unpack_from(value)
+                    kernel = (sec + nsec / 1e9 - entry[4]) * 1000
+                    # The kernel's receive time, unless the wall clock stepped.
+                    if 0 <= kernel <= rtt + 1:
+                        rtt = kernel
+            if rtt > self.timeout * 1000:
+                results[entry[0]] = (None, "timeout")
+            else:
+                results[entry[0]] = (round(rtt, 3), None)
+
+
+def make_engine(probe, ping, timeout, faults, spread=0.0, kind=None):
+    """The engine asked for, or the other one when it cannot work here (one log line)."""
+    ping_path = shutil.which(shlex.split(ping)[0] if ping.strip() else "ping")
+    if probe == "icmp":
+        ok, why = icmp_available(kind)
+        if not ok:
+            log.warning("icmp engine unavailable (%s): probing with %s instead", why, ping)
+            probe = "ping"
+    elif ping_path is None:
+        ok, why = icmp_available(kind)
+        if ok:
+            log.warning("ping program %r not found: probing with the icmp engine (%s socket)",
+                        ping, why)
+            probe = "icmp"
+    if probe == "icmp":
+        engine = IcmpEngine(timeout, faults, kind)
+    else:
+        if ping_path is None:
+            faults.start("ping", "ping program %r not found; latency will be null" % ping,
+                         logging.ERROR)
+        engine = PingEngine(ping, timeout, faults)
+    engine.spread = spread
+    return engine
+
+
+def number(x):
+    """x as an int when it is whole (5, not 5.0), for JSON."""
+    return int(x) if float(x).is_integer() else x
+
+
+class LatencyWindow:
+    """Each peer's results over the last N rounds, and the /latency document."""
+
+    def __init__(self, size):
+        self.size = size
+        self.peers = {}             # peer -> [deque of rtt or None, last error, probedAt]
+
+    def record(self, peers, results, sent_at, probed_at):
+        """Add one round; peers no longer listed are forgotten."""
+        self.peers = {p: self.peers[p] for p in peers if p in self.peers}
+        for peer in peers:
+            rtt, error = results.get(peer, (None, "not probed"))
+            entry = self.peers.setdefault(
+                peer, [collections.deque(maxlen=self.size), None, None])
+            entry[0].append(rtt)
+            entry[1] = error if rtt is None else None
+            entry[2] = round(sent_at.get(peer, probed_at), 3)
+
+    def stats(self, peer):
+        """{last, min, avg, max, mdev, loss, sent, received, error, probedAt} of one peer."""
+        samples, error, probed_at = self.peers.get(peer, ((), None, None))
+        got = [x for x in samples if x is not None]
+        out = {"last": samples[-1] if samples else None,
+               "min": None, "avg": None, "max": None, "mdev": None,
+               "loss": round(1 - len(got) / len(samples), 4) if samples else None,
+               "sent": len(samples), "received": len(got),
+               "error": error, "probedAt": probed_at}
+        if got:
+            avg = sum(got) / len(got)
+            # ping(8)'s mdev: the population standard deviation of the RTTs.
+            var = max(0.0, sum(x * x for x in got) / len(got) - avg * avg)
+            out.update(min=min(got), avg=round(avg, 3), max=max(got),
+                       mdev=round(math.sqrt(var), 3))
+        return out
+
+    def document(self, peers, engine, interval, timeout):
+        return {"engine": engine, "interval": number(interval), "timeout": number(timeout),
+                "window": self.size, "peers": {p: self.stats(p) for p in peers}}
 
 
 # ---------------------------------------------------------------------------
@@ -551,6 +1076,7 @@ class State:
         self._latency = {}
         self.stats_body = None      # bytes, swapped whole; None before the first sample
         self.sample_mono = None
+        self.latency_body = None    # bytes of /latency, swapped whole
 
     def set_sample(self, timestamp, cpu, mem, rx, tx):
         with self._lock:
@@ -563,6 +1089,11 @@ class State:
         with self._lock:
             self._latency = {p: self._latency.get(p) for p in peers}
             self._rebuild()
+
+    def set_latency_doc(self, doc):
+        body = json_bytes(doc)
+        with self._lock:
+            self.latency_body = body
 
     def set_latency(self, peers, latency):
         with self._lock:
@@ -589,7 +1120,7 @@ class State:
 # ---------------------------------------------------------------------------
 
 JSON_TYPE = "application/json"
-ENDPOINTS = ("/stats",)
+ENDPOINTS = ("/stats", "/latency")
 ALLOWED = "GET, HEAD"
 
 
@@ -608,6 +1139,12 @@ def render(state, method, target):
         if body is None:
             return 503, [("Retry-After", "1"), ("Content-Type", JSON_TYPE)], \
                 error_body(503, "no sample yet")
+        return 200, [("Content-Type", JSON_TYPE), ("Cache-Control", "no-store")], body
+    if path == "/latency":
+        body = state.latency_body
+        if body is None:
+            return 503, [("Retry-After", "1"), ("Content-Type", JSON_TYPE)], \
+                error_body(503, "no probe round yet")
         return 200, [("Content-Type", JSON_TYPE), ("Cache-Control", "no-store")], body
     return 404, [("Content-Type", JSON_TYPE)], \
         error_body(404, "not found", endpoints=list(ENDPOINTS))
@@ -815,6 +1352,16 @@ def positive_float(text):
     return value
 
 
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a whole number" % text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("%r must be at least 1" % text)
+    return value
+
+
 def port_number(text):
     try:
         value = int(text)
@@ -855,8 +1402,11 @@ def build_parser():
     p.add_argument("--probe-timeout", type=positive_float, default=1.0, metavar="S",
                    help="per-probe reply timeout, seconds (ping -W)")
     p.add_argument("--ping", default="ping", metavar="CMD", help="the ping program to run")
-    p.add_argument("--probe", choices=("ping",), default="ping", metavar="ENGINE",
-                   help="probe engine: ping runs the ping program")
+    p.add_argument("--probe", choices=("ping", "icmp"), default="ping", metavar="ENGINE",
+                   help="probe engine: ping runs the ping program, icmp sends echo requests "
+                   "from the process itself (ping, icmp)")
+    p.add_argument("--window", type=positive_int, default=DEFAULT_WINDOW, metavar="N",
+                   help="rounds per peer over which /latency reports min, avg, max, mdev, loss")
     p.add_argument("--node-name", default=os.environ.get("NODE_NAME") or socket.gethostname(),
                    metavar="NAME", help="nodeName in the output ($NODE_NAME, else the hostname)")
     p.add_argument("--procfs", type=directory, default="/proc", metavar="DIR",
@@ -902,14 +1452,11 @@ def main(argv=None):
     peers = PeerList(args.peers, faults)
     peers.refresh()
     state.set_peers(peers.peers)
-    ping_path = shutil.which(shlex.split(args.ping)[0] if args.ping.strip() else "ping")
-    if ping_path is None:
-        faults.start("ping", "ping program %r not found; latency will be null" % args.ping,
-                     logging.ERROR)
-    engine = PingEngine(args.ping, args.probe_timeout, faults)
+    engine = make_engine(args.probe, args.ping, args.probe_timeout, faults,
+                         spread=min(PROBE_SPREAD, args.probe_interval / 10))
     watchdog = Watchdog()
     sampler = Sampler(state, args.procfs, args.sysfs, args.interval, faults, watchdog.on_sample)
-    prober = Prober(state, peers, engine, args.probe_interval, faults)
+    prober = Prober(state, peers, engine, args.probe_interval, faults, window=args.window)
 
     threads = [
         threading.Thread(target=server.serve_forever, args=(0.25,), name="http", daemon=True),
