@@ -175,3 +175,60 @@ class Schedule(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@unittest.skipUnless(wm.icmp_available()[0], "this process can open no ICMP socket")
+class AgentProcess(unittest.TestCase):
+    """The agent itself, probing loopback only."""
+
+    def run_agent(self, *extra):
+        import subprocess
+        import time
+        import urllib.request
+        f = tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False)
+        f.write("127.0.0.1\n::1\n")
+        f.close()
+        self.addCleanup(os.unlink, f.name)
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, wm.__file__, "--port", str(port), "--bind", "127.0.0.1",
+             "--peers", f.name, "--probe-interval", "0.3", "--window", "4"] + list(extra),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 10
+            doc = None
+            while time.monotonic() < deadline:
+                try:
+                    with urllib.request.urlopen("http://127.0.0.1:%d/latency" % port,
+                                                timeout=2) as r:
+                        doc = json.loads(r.read())
+                    if doc["peers"]["127.0.0.1"]["sent"] >= 4:
+                        break
+                except OSError:
+                    pass
+                time.sleep(0.1)
+        finally:
+            proc.terminate()
+            err = proc.communicate(5)[1].decode()
+        self.assertEqual(proc.returncode, 0)
+        return doc, err
+
+    def test_icmp_engine_serves_latency(self):
+        doc, _ = self.run_agent("--probe", "icmp")
+        self.assertEqual((doc["engine"], doc["window"]), ("icmp", 4))
+        a = doc["peers"]["127.0.0.1"]
+        self.assertEqual((a["sent"], a["received"], a["loss"], a["error"]), (4, 4, 0.0, None))
+        self.assertLess(a["max"], 50)
+
+    def test_missing_ping_program_falls_back_to_icmp(self):
+        doc, err = self.run_agent("--ping", "/nonexistent/ping")
+        self.assertEqual(doc["engine"], "icmp")
+        self.assertEqual(doc["peers"]["127.0.0.1"]["received"], 4)
+        self.assertEqual(err.count("probing with the icmp engine"), 1, err)
