@@ -894,14 +894,17 @@ class IcmpEngine:
                     self._send(targets[i], inflight, results, sent_at, sel)
                     i += 1
                     now = time.monotonic()
-                wait = 0.2
                 if i < len(targets):
-                    wait = min(wait, t0 + i * step - now)
-                if inflight:
+                    # While sending, wake once a tick and read what came: the
+                    # kernel's receive timestamp keeps each RTT exact meanwhile.
+                    stop.wait(max(PROBE_STEP, t0 + i * step - now))
+                    for sock, raw in list(self.socks.values()):
+                        self._receive(sock, raw, inflight, results)
+                else:
                     # Insertion order is send order, so the first deadline is the next.
-                    wait = min(wait, next(iter(inflight.values()))[5] - now)
-                for key, _ in sel.select(max(0.0, wait)):
-                    self._receive(key.fileobj, key.data, inflight, results)
+                    wait = next(iter(inflight.values()))[5] - now if inflight else 0.0
+                    for key, _ in sel.select(min(0.2, max(PROBE_STEP, wait) if wait > 0 else 0)):
+                        self._receive(key.fileobj, key.data, inflight, results)
                 now = time.monotonic()
                 while inflight:
                     seq, entry = next(iter(inflight.items()))
