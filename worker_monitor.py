@@ -587,7 +587,7 @@ class Prober:
         for peer in peers:
             rtt, error = results.get(peer, (None, "not probed"))
             latency[peer] = rtt
-            if rtt is None and error not in ("cannot run ping", "not permitted"):
+            if rtt is None and error not in ("cannot run ping", "not permitted", "no ICMP socket"):
                 self.faults.start("peer " + peer, "peer %s: %s" % (peer, error))
             elif rtt is not None:
                 self.faults.end("peer " + peer, "peer %s: replying again (%.3f ms)" % (peer, rtt))

@@ -90,10 +90,14 @@ class NetnsHost:
                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0:
                 break
             time.sleep(0.1)
-        sh("sysctl", "-qw", "net.ipv4.ping_group_range=0 2147483647", ns=self.near)
+        self.sysctl(self.near, "net/ipv4/ping_group_range", "0 2147483647")
         if not self.kernel_replies:
-            sh("sysctl", "-qw", "net.ipv4.icmp_echo_ignore_all=1", ns=self.far)
-            sh("sysctl", "-qw", "net.ipv6.icmp.echo_ignore_all=1", ns=self.far)
+            self.sysctl(self.far, "net/ipv4/icmp_echo_ignore_all", "1")
+            self.sysctl(self.far, "net/ipv6/icmp/echo_ignore_all", "1")
+
+    def sysctl(self, ns, key, value):
+        """Set a per-namespace sysctl without procps' sysctl(8)."""
+        sh("sh", "-c", 'echo "$1" > "/proc/sys/$2"', "sysctl", value, key, ns=ns)
 
     def start_responder(self, config):
         """Answer per address in far as config says; returns the counts file path."""

@@ -39,7 +39,8 @@ class Window(unittest.TestCase):
 
     def test_last_failure_gives_null_last_and_its_error(self):
         s = self.fill(12, [{"a": (1.0, None)}, {"a": (None, "no reply")}]).stats("a")
-        self.assertEqual((s["last"], s["error"], s["min"], s["loss"]), (None, "no reply", 1.0, 0.5))
+        self.assertEqual((s["last"], s["error"], s["min"], s["loss"]),
+                         (None, "no reply", 1.0, 0.5))
 
     def test_all_lost(self):
         s = self.fill(12, [{"a": (None, "timeout")}] * 3).stats("a")
