@@ -423,8 +423,14 @@ class PeerList:
         now = time.monotonic()
         due = [n for n in names if n not in self._dns or now - self._dns[n][0] >= DNS_REFRESH]
         if due:
-            for name, (addresses, error) in self.resolver.resolve(due, DNS_TIMEOUT).items():
+            # Wait only for names never answered; the others keep their last answer.
+            answers = self.resolver.resolve([n for n in due if n in self._dns], 0)
+            answers.update(self.resolver.resolve([n for n in due if n not in self._dns],
+                                                 DNS_TIMEOUT))
+            for name, (addresses, error) in answers.items():
                 old = self._dns.get(name, (0.0, []))[1]
+                if addresses is None and error is None and name in self._dns:
+                    continue            # still running: look again next round
                 if addresses:
                     self._dns[name] = (now, addresses)
                     self.faults.end("dns " + name, "dns:%s resolves again (%d addresses)" % (
@@ -717,34 +723,42 @@ class Resolver:
 
     The C library's resolver cannot be interrupted: a lookup that outlives the
     wait goes on, no second lookup of the same name starts meanwhile, and its
-    answer serves the next call.
+    answer serves a later call. A caller that still has an old answer asks
+    with wait 0 and keeps using it: a slow DNS server never holds up a round.
     """
 
-    def __init__(self):
+    def __init__(self, limit=DNS_TIMEOUT):
+        self.limit = limit          # a lookup running longer than this has failed
         self._lock = threading.Lock()
-        self._jobs = {}             # name -> [done Event, addresses, error]
+        self._jobs = {}             # name -> [done Event, addresses, error, started]
 
-    def resolve(self, names, timeout):
-        """Return {name: (sorted addresses or None, error or None)} within timeout seconds."""
+    def resolve(self, names, wait):
+        """Return {name: (sorted addresses or None, error or None)} within wait seconds.
+
+        (None, None) means the lookup is still running, within the limit: ask again.
+        """
         jobs = {}
         with self._lock:
             for name in names:
                 job = self._jobs.get(name)
                 if job is None:
-                    job = self._jobs[name] = [threading.Event(), None, None]
+                    job = self._jobs[name] = [threading.Event(), None, None, time.monotonic()]
                     threading.Thread(target=self._lookup, args=(name, job),
                                      name="resolve", daemon=True).start()
                 jobs[name] = job
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + wait
         out = {}
         for name, job in jobs.items():
-            if job[0].wait(max(0.0, deadline - time.monotonic())):
+            until = min(deadline, job[3] + self.limit)
+            if job[0].wait(max(0.0, until - time.monotonic())):
                 with self._lock:
                     if self._jobs.get(name) is job:
                         del self._jobs[name]
                 out[name] = (job[1], job[2])
+            elif time.monotonic() - job[3] >= self.limit:
+                out[name] = (None, "name lookup timed out after %gs" % self.limit)
             else:
-                out[name] = (None, "name lookup timed out after %gs" % timeout)
+                out[name] = (None, None)
         return out
 
     @staticmethod
@@ -752,7 +766,10 @@ class Resolver:
         try:
             infos = socket.getaddrinfo(name, None, socket.AF_UNSPEC, socket.SOCK_DGRAM)
             job[1] = sorted({info[4][0] for info in infos
-                             if info[0] in (socket.AF_INET, socket.AF_INET6)}, key=address_key)
+                             if info[0] in (socket.AF_INET, socket.AF_INET6)},
+                            key=address_key) or None
+            if job[1] is None:
+                job[2] = "no IPv4 or IPv6 address for %s" % name
         except (OSError, UnicodeError) as e:
             job[2] = "cannot resolve %s: %s" % (name, getattr(e, "strerror", None) or e)
         job[0].set()
@@ -853,13 +870,18 @@ class IcmpEngine:
         due = [p for p in peers if family_of(p) is None and
                (p not in self.names or now - self.names[p][0] >= DNS_REFRESH)]
         if due:
-            for name, (addresses, error) in self.resolver.resolve(due, DNS_TIMEOUT).items():
+            answers = self.resolver.resolve([p for p in due if p in self.names], 0)
+            answers.update(self.resolver.resolve([p for p in due if p not in self.names],
+                                                 min(DNS_TIMEOUT, self.timeout)))
+            for name, (addresses, error) in answers.items():
                 if addresses:
                     self.names[name] = (now, addresses[0])
+                elif error is None and name in self.names:
+                    continue            # still running: the old address serves
                 elif name in self.names:
                     self.names[name] = (now - DNS_REFRESH + DNS_RETRY, self.names[name][1])
                 else:
-                    results[name] = (None, error or "no address")
+                    results[name] = (None, error or "name lookup still running")
         self.names = {p: self.names[p] for p in peers if p in self.names}
         targets = []
         for peer in peers:

@@ -242,6 +242,21 @@ class Matching(unittest.TestCase):
         engine.probe(["127.0.0.1"], stop)
         self.assertLess(time.monotonic() - started, 1.0)
 
+    def test_a_hanging_name_lookup_costs_at_most_the_timeout(self):
+        engine, _ = self.engine(lambda p, a: [dgram_reply(p, a)])
+        release = threading.Event()
+        self.addCleanup(release.set)
+
+        def hang(*a, **k):
+            release.wait(10)
+            raise socket.gaierror(-3, "Temporary failure in name resolution")
+        with mock.patch.object(wm.socket, "getaddrinfo", hang):
+            started = time.monotonic()
+            out = engine.probe(["slow.example", "127.0.0.1"], threading.Event())
+        self.assertLess(time.monotonic() - started, 2 * engine.timeout + 0.2)
+        self.assertIsNone(out["127.0.0.1"][1])
+        self.assertIsNone(out["slow.example"][0])
+
     def test_unresolvable_name_is_an_error_not_a_probe(self):
         engine, sock = self.engine(lambda p, a: [])
         engine.resolver = mock.Mock()
@@ -327,19 +342,25 @@ class Resolution(unittest.TestCase):
             release.wait(5)
             return [(socket.AF_INET, socket.SOCK_DGRAM, 17, "", ("192.0.2.1", 0))]
 
-        resolver = wm.Resolver()
+        resolver = wm.Resolver(limit=0.3)
         with mock.patch.object(wm.socket, "getaddrinfo", slow):
             started = time.monotonic()
-            out = resolver.resolve(["slow.example"], 0.2)
-            self.assertLess(time.monotonic() - started, 0.5)
+            # Within the limit: still running, ask again.
+            self.assertEqual(resolver.resolve(["slow.example"], 0.1)["slow.example"],
+                             (None, None))
+            out = resolver.resolve(["slow.example"], 5)
+            self.assertLess(time.monotonic() - started, 0.6)
             self.assertEqual(out["slow.example"][0], None)
             self.assertIn("timed out", out["slow.example"][1])
-            resolver.resolve(["slow.example"], 0.05)
+            # Past the limit it answers at once, and starts no second lookup.
+            started = time.monotonic()
+            resolver.resolve(["slow.example"], 5)
+            self.assertLess(time.monotonic() - started, 0.1)
             self.assertEqual(calls, ["slow.example"])
             release.set()
             time.sleep(0.05)
             # The late answer serves the next call.
-            self.assertEqual(resolver.resolve(["slow.example"], 0.2)["slow.example"],
+            self.assertEqual(resolver.resolve(["slow.example"], 0)["slow.example"],
                              (["192.0.2.1"], None))
 
     def test_failure_is_an_error(self):
@@ -364,9 +385,13 @@ class FakeResolver:
     def __init__(self, answers):
         self.answers = answers
         self.asked = []
+        self.waits = []
 
     def resolve(self, names, timeout):
+        if not names:
+            return {}
         self.asked.append(list(names))
+        self.waits.append(timeout)
         return {n: self.answers.get(n, (None, "cannot resolve %s" % n)) for n in names}
 
 
@@ -413,6 +438,16 @@ class DnsPeers(unittest.TestCase):
         self.assertEqual(peers.peers, ["127.0.0.2"])
         self.assertEqual(len(logs.output), 1)
         self.assertEqual(len(resolver.asked), 3)
+
+    def test_slow_re_lookup_keeps_the_old_answer_without_waiting(self):
+        peers, resolver = self.peer_list("dns:svc\n", {"svc": (["127.0.0.2"], None)})
+        peers.refresh()
+        resolver.answers["svc"] = (None, None)          # still running
+        with mock.patch.object(wm.time, "monotonic", return_value=time.monotonic() + 61):
+            self.assertFalse(peers.refresh())
+            self.assertFalse(peers.refresh())
+        self.assertEqual(resolver.waits[-2:], [0, 0])
+        self.assertEqual(peers.peers, ["127.0.0.2"])
 
     def test_unresolved_name_has_no_peers_yet(self):
         peers, _ = self.peer_list("dns:nosuch\n127.0.0.1\n", {})
