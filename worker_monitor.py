@@ -573,11 +573,12 @@ class Prober:
         self.faults = faults
         self.rounds = 0
         self.window = LatencyWindow(window)
-        self.publish_window(list(peers.peers))
+        self.publish_window(list(getattr(peers, "peers", [])))
 
     def publish_window(self, peers):
         self.state.set_latency_doc(self.window.document(
-            peers, self.engine.name, self.interval, self.engine.timeout))
+            peers, getattr(self.engine, "name", None), self.interval,
+            getattr(self.engine, "timeout", None)))
 
     def round(self, stop):
         if self.peers.refresh():
@@ -1040,7 +1041,7 @@ def make_engine(probe, ping, timeout, faults, spread=0.0, kind=None):
 
 def number(x):
     """x as an int when it is whole (5, not 5.0), for JSON."""
-    return int(x) if float(x).is_integer() else x
+    return int(x) if x is not None and float(x).is_integer() else x
 
 
 class LatencyWindow:
