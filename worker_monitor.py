@@ -71,9 +71,10 @@ MAX_CONNECTIONS = 256
 IDLE_TIMEOUT = 30.0
 
 # A DNS host name (RFC 1123): dot-separated labels of letters, digits and
-# inner hyphens, 253 characters at most, an optional final dot.
+# inner hyphens, 253 characters at most, an optional final dot; the last
+# label is not all digits (RFC 3696 2), so "300.1.1.1" is no name.
 _LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
-HOSTNAME_RE = re.compile(r"^(?=.{1,253}\.?$)%s(?:\.%s)*\.?$" % (_LABEL, _LABEL))
+HOSTNAME_RE = re.compile(r"^(?=.{1,253}\.?$)(?:%s\.)*(?![0-9]+\.?$)%s\.?$" % (_LABEL, _LABEL))
 
 # iputils: "64 bytes from 127.0.0.1: icmp_seq=1 ttl=64 time=0.045 ms";
 # busybox: "64 bytes from 127.0.0.1: seq=0 ttl=64 time=1.398 ms".
@@ -720,6 +721,9 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
+    # socketserver's default backlog of 5 overflows under a burst of new
+    # connections, and each overflow costs the client a 1 s SYN retransmit.
+    request_queue_size = 128
 
     def __init__(self, address, state, access_log=False):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
