@@ -93,9 +93,8 @@ install_package() {
         return 1
     fi
     if command -v apt-get >/dev/null 2>&1; then
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$1" </dev/null >&2 \
-            || { DEBIAN_FRONTEND=noninteractive apt-get update -q </dev/null >&2 \
-                && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$1" </dev/null >&2; }
+        # Try the package lists the node has first; refresh them only when that fails.
+        apt_install "$1" || { apt-get update -qq </dev/null >&2 && apt_install "$1"; }
     elif command -v dnf >/dev/null 2>&1; then
         dnf install -y -q "$2" </dev/null >&2
     elif command -v yum >/dev/null 2>&1; then
@@ -108,6 +107,11 @@ install_package() {
         say "no known package manager (apt-get, dnf, yum, apk, zypper)"
         return 1
     fi
+}
+
+apt_install() {
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o Dpkg::Use-Pty=0 --no-install-recommends "$1" \
+        </dev/null >&2
 }
 
 check_port() {

@@ -309,10 +309,11 @@ class ScriptTest(unittest.TestCase):
             unit = f.read()
         for directive in ("Type=notify", "Restart=on-failure", "DynamicUser=yes",
                           "CapabilityBoundingSet=CAP_NET_RAW", "AmbientCapabilities=CAP_NET_RAW",
-                          "ExecReload=/bin/kill -HUP $MAINPID", "NoNewPrivileges=yes",
+                          "NoNewPrivileges=yes",
                           "ProtectSystem=strict", "WantedBy=multi-user.target"):
             self.assertRegex(unit, r"(?m)^%s$" % re.escape(directive))
         self.assertRegex(unit, r"(?m)^WatchdogSec=\d+")
+        self.assertRegex(unit, r"(?m)^ExecReload=.*\bkill -HUP \$\{?MAINPID\}?")
 
 
 @unittest.skipIf(skip_reason(), skip_reason())
@@ -431,7 +432,18 @@ class NodeTest(unittest.TestCase):
         self.assertLess(latency, 1000)
         log("latency to 127.0.0.1 under the unit: %s ms" % latency)
 
-    def test_05_exposure(self):
+    def test_05_notify_and_watchdog(self):
+        """Type=notify got READY=1 (the unit is active) and WATCHDOG=1 keeps arriving."""
+        show = "systemctl show -p WatchdogTimestampMonotonic --value worker-monitor"
+        self.assertEqual(self.sh("systemctl show -p Type --value worker-monitor"), "notify")
+        first = int(self.sh(show) or 0)
+        later = wait_for(lambda: int(self.sh(show) or 0) > first and int(self.sh(show)), 15)
+        self.assertTrue(first and later, "no WATCHDOG=1 from the agent")
+        self.assertEqual(self.sh("systemctl show -p WatchdogUSec --value worker-monitor"), "10s")
+        log("watchdog pinged at %d then %d (monotonic usec); status: %s"
+            % (first, later, self.sh("systemctl show -p StatusText --value worker-monitor")))
+
+    def test_06_exposure(self):
         output = self.sh("systemd-analyze security --no-pager worker-monitor.service")
         match = re.search(r"Overall exposure level for worker-monitor\.service: ([0-9.]+)", output)
         self.assertIsNotNone(match, output)
@@ -440,9 +452,10 @@ class NodeTest(unittest.TestCase):
         log("still exposed:\n" + "\n".join(line for line in output.splitlines() if line.startswith("✗")))
         self.assertLessEqual(exposure, MAX_EXPOSURE)
 
-    def test_06_directives_left_out_break_the_agent(self):
+    def test_07_directives_left_out_break_the_agent(self):
         """Each directive the unit leaves out, added as a drop-in, breaks what the comment says."""
-        range_ = open("/proc/sys/net/ipv4/ping_group_range").read().split()
+        with open("/proc/sys/net/ipv4/ping_group_range") as f:
+            range_ = f.read().split()
         cases = [
             ("PrivateUsers=yes", "latency"),
             ("ProcSubset=pid", "cpu"),
@@ -474,7 +487,20 @@ class NodeTest(unittest.TestCase):
             self.sh("rm -rf %s && systemctl daemon-reload && systemctl restart worker-monitor" % dropin)
         self.assertIsInstance(self.latency(), float)
 
-    def test_07_reinstall_keeps_edited_peers(self):
+    def test_08_reload_rereads_peers(self):
+        pid = self.main_pid()
+        peers = "/etc/worker-monitor/peers.txt"
+        reload = self.node.sh("cp %s /root/peers.saved && echo '# no peers' > %s && "
+                              "systemctl reload worker-monitor" % (peers, peers))
+        self.assertEqual(reload.returncode, 0, reload.stderr)
+        self.assertTrue(wait_for(lambda: (self.stats() or {}).get("latency") == {}, 15), self.stats())
+        reload = self.node.sh("cp /root/peers.saved %s && systemctl reload worker-monitor" % peers)
+        self.assertEqual(reload.returncode, 0, reload.stderr)
+        self.assertIsInstance(self.latency(), float)
+        self.assertEqual(self.main_pid(), pid, "reload restarted the agent")
+        self.assertIn("SIGHUP", self.sh("journalctl -u worker-monitor -o cat --no-pager"))
+
+    def test_09_reinstall_keeps_edited_peers(self):
         self.sh("printf '# edited by the operator\\n127.0.0.1\\n' > /etc/worker-monitor/peers.txt")
         old_pid = self.main_pid()
         result = self.install()
@@ -488,7 +514,19 @@ class NodeTest(unittest.TestCase):
         self.assertEqual(self.agent_processes(), 1)
         self.assertEqual(self.sh("systemctl list-unit-files --no-legend 'worker-monitor*' | wc -l"), "1")
 
-    def test_08_kill_9_restarts(self):
+    def test_10_install_from_a_checkout(self):
+        self.sh("mkdir -p /root/checkout && cd /root/checkout && for f in %s; do "
+                "curl -fsSO %s/$f; done && chmod +x install_monitor.sh" % (" ".join(SERVED), self.base_url))
+        result = self.node.sh("cd /root/checkout && ./install_monitor.sh",
+                              env={"WORKER_MONITOR_BASE_URL": "http://127.0.0.1:9"})
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn("installing from /root/checkout", result.stderr)
+        self.assertIn("listening on port %d" % self.port, result.stderr)
+        self.assertRunning()
+        self.assertEqual(self.agent_processes(), 1)
+        self.assertEqual(self.sh("head -1 /etc/worker-monitor/peers.txt"), "# edited by the operator")
+
+    def test_11_kill_9_restarts(self):
         old_pid = self.main_pid()
         self.sh("kill -9 %d" % old_pid)
         new_pid = wait_for(lambda: self.sh("systemctl is-active worker-monitor") == "active"
@@ -498,7 +536,7 @@ class NodeTest(unittest.TestCase):
         self.assertGreaterEqual(int(self.sh("systemctl show -p NRestarts --value worker-monitor")), 1)
         log("kill -9 %d: systemd restarted it as %d" % (old_pid, new_pid))
 
-    def test_09_truncated_download_changes_nothing(self):
+    def test_12_truncated_download_changes_nothing(self):
         with open(os.path.join(ROOT, "worker_monitor.py"), "rb") as f:
             program = f.read()
         lines = program.splitlines(keepends=True)
@@ -525,14 +563,14 @@ class NodeTest(unittest.TestCase):
         finally:
             self.serve_checkout()
 
-    def test_10_reboot(self):
+    def test_13_reboot(self):
         self.node.reboot()
         self.assertEqual(self.sh("systemctl is-enabled worker-monitor"), "enabled")
         self.assertRunning()
         self.assertIsInstance(self.latency(), float)
         log("after reboot: %s" % self.stats())
 
-    def test_11_uninstall(self):
+    def test_14_uninstall(self):
         line = "curl -fsSL %s/uninstall_monitor.sh | bash" % self.base_url
         result = self.node.sh(line)
         self.assertEqual(result.returncode, 0, result.stderr)
