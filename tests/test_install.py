@@ -385,12 +385,19 @@ class NodeTest(unittest.TestCase):
         self.assertEqual(self.sh("systemctl is-active worker-monitor"), "active")
         self.assertIsNotNone(wait_for(self.stats, 20), "no /stats on port %d" % self.port)
 
-    def test_00_checks_refuse_non_root(self):
+    def test_00_checks_refuse_non_root_and_old_python(self):
         result = self.node.sh("setpriv --reuid=65534 --regid=65534 --clear-groups bash -c %s"
                               % shlex.quote(readme_install_line().replace(DEFAULT_BASE_URL, self.base_url)),
                               env={"WORKER_MONITOR_BASE_URL": self.base_url})
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("must run as root", result.stderr)
+        # An old python3 first on PATH (CentOS 7's 3.6): one clear line, nothing installed.
+        self.sh("mkdir -p /root/oldpy && printf '#!/bin/sh\\n[ \"$1\" = -V ] && echo Python 3.6.8\\n"
+                "exit 1\\n' > /root/oldpy/python3 && chmod +x /root/oldpy/python3")
+        result = self.node.sh("PATH=/root/oldpy:$PATH; " + readme_install_line().replace(
+            DEFAULT_BASE_URL, self.base_url), env={"WORKER_MONITOR_BASE_URL": self.base_url})
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("need python3 >= 3.8, found Python 3.6.8", result.stderr)
         self.assertEqual(self.sh("test -e /etc/systemd/system/worker-monitor.service; echo $?"), "1")
 
     def test_01_install(self):
@@ -588,6 +595,25 @@ class NodeTest(unittest.TestCase):
         self.assertEqual(purge.returncode, 0, purge.stderr)
         self.assertEqual(self.sh("test -e /etc/worker-monitor; echo $?"), "1")
         log("uninstall: %s" % result.stderr.strip().replace("\n", "; "))
+
+    def test_15_missing_ping(self):
+        """No ping: WORKER_MONITOR_NO_PKG=1 says so and goes on; otherwise apt-get installs it."""
+        self.sh("DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq iputils-ping")
+        self.assertEqual(self.sh("command -v ping; echo $?"), "1")
+        try:
+            result = self.install({"WORKER_MONITOR_NO_PKG": "1"})
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertIn("could not install ping", result.stderr)
+            self.assertRunning()
+            time.sleep(7)
+            self.assertIsNone(self.stats()["latency"]["127.0.0.1"])
+            result = self.install()
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertIn("ping not found; installing it", result.stderr)
+            self.assertEqual(self.sh("command -v ping"), "/usr/bin/ping")
+            self.assertIsInstance(self.latency(), float)
+        finally:
+            self.node.sh("curl -fsSL %s/uninstall_monitor.sh | bash -s -- --purge" % self.base_url)
 
 
 if __name__ == "__main__":
