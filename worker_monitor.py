@@ -11,8 +11,7 @@ One file, Python 3.8+, the standard library only.
 __version__ = "0.1.0"
 
 import argparse
-import email.utils
-import http.server
+import http
 import ipaddress
 import json
 import logging
@@ -238,20 +237,21 @@ class Faults:
     """Logs a persistent fault when it starts and when it ends, not each time."""
 
     def __init__(self):
-        self._active = {}
+        self._active = set()
         self._lock = threading.Lock()
 
     def start(self, key, message, level=logging.WARNING):
         with self._lock:
-            if self._active.get(key) == message:
+            if key in self._active:
                 return
-            self._active[key] = message
+            self._active.add(key)
         log.log(level, "%s", message)
 
     def end(self, key, message):
         with self._lock:
-            if self._active.pop(key, None) is None:
+            if key not in self._active:
                 return
+            self._active.discard(key)
         log.info("%s", message)
 
     def active(self, key):
@@ -367,12 +367,9 @@ class PeerList:
                 with open(self.path, encoding="utf-8", errors="replace") as f:
                     text = f.read()
             except FileNotFoundError:
-                if self._stamp is None and not self.faults.active("peers"):
-                    self.faults.start("peers", "peers file %s not found: no peers to probe" % self.path)
-                    self._stamp = "missing"
-                    return False
-                self.faults.start("peers", "peers file %s not found: keeping %d peers" % (
-                    self.path, len(self.peers)))
+                self.faults.start("peers", "peers file %s not found: %s" % (
+                    self.path, "keeping %d peers" % len(self.peers) if self._stamp
+                    else "no peers to probe"))
                 return False
             except OSError as e:
                 self.faults.start("peers", "cannot read peers file %s: %s (keeping %d peers)" % (
@@ -395,9 +392,10 @@ class PingEngine:
 
     name = "ping"
 
-    def __init__(self, command, timeout, faults):
+    def __init__(self, command, timeout, faults, margin=PROBE_MARGIN):
         self.argv0 = shlex.split(command) or ["ping"]
         self.timeout = timeout
+        self.margin = margin
         self.faults = faults
         self.env = dict(os.environ, LC_ALL="C", LANG="C")
 
@@ -427,7 +425,7 @@ class PingEngine:
                         results[peer] = (None, "cannot run ping")
                         continue
                     os.set_blocking(proc.stdout.fileno(), False)
-                    deadline = time.monotonic() + self.timeout + PROBE_MARGIN
+                    deadline = time.monotonic() + self.timeout + self.margin
                     inflight[proc.stdout.fileno()] = [peer, proc, deadline, []]
                     sel.register(proc.stdout.fileno(), selectors.EVENT_READ)
                 if not inflight:
@@ -614,28 +612,34 @@ def render(state, method, target):
         error_body(404, "not found", endpoints=list(ENDPOINTS))
 
 
+_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _date_cache = [0, ""]
 
 
 def http_date():
-    """The Date header, formatted once per second."""
+    """The Date header (RFC 9110 IMF-fixdate), formatted once per second."""
     now = int(time.time())
     if _date_cache[0] != now:
-        _date_cache[:] = [now, email.utils.formatdate(now, usegmt=True)]
+        t = time.gmtime(now)
+        _date_cache[:] = [now, "%s, %02d %s %04d %02d:%02d:%02d GMT" % (
+            _WEEKDAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year,
+            t.tm_hour, t.tm_min, t.tm_sec)]
     return _date_cache[1]
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
+class Handler(socketserver.StreamRequestHandler):
     """Reads a request, asks render(), writes the answer in one send.
 
-    http.server's own parse_request runs the email package over the headers
-    and its send_response writes head and body in two sends; with Nagle's
-    algorithm and the client's delayed ACK a keep-alive client then waits
-    ~40 ms per request. Here the head is parsed by hand and the whole
-    response goes out in one sendall on a TCP_NODELAY socket.
+    This is http.server's model (socketserver, a thread per connection)
+    without http.server itself: its parse_request runs the email package over
+    every request's headers, its send_response writes head and body in two
+    sends (with Nagle's algorithm and the client's delayed ACK a keep-alive
+    client then waits ~40 ms per request), and importing it loads ssl and
+    email, 4 MB of RSS the agent never uses. Here the head is parsed by hand
+    and the whole response goes out in one sendall on a TCP_NODELAY socket.
     """
 
-    protocol_version = "HTTP/1.1"
     server_version = "worker-monitor/" + __version__
     timeout = IDLE_TIMEOUT
     disable_nagle_algorithm = True
@@ -690,7 +694,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not header:
             self.close_connection = True
             return
-        self.command, self.path, self.request_version = method, target, version
         status, headers, body = render(self.server.state, method, target)
         # A body we do not read would be taken for the next request.
         self.close_connection = not keep_alive or has_body or status == 405
@@ -705,8 +708,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                             error_body(status, message))
 
     def write_response(self, status, headers, body, length=None):
-        head = ["HTTP/1.1 %d %s" % (status, http.server.BaseHTTPRequestHandler.responses
-                                    .get(status, ("",))[0]),
+        head = ["HTTP/1.1 %d %s" % (status, http.HTTPStatus(status).phrase),
                 "Server: " + self.server_version, "Date: " + http_date()]
         head += ["%s: %s" % h for h in headers]
         head.append("Content-Length: %d" % (len(body) if length is None else length))
@@ -715,7 +717,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
 
 
-class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     """A thread per connection, a bounded number of connections."""
 
     daemon_threads = True
@@ -732,14 +734,9 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(address, Handler)
 
-    def server_bind(self):
-        # HTTPServer.server_bind looks up the host's FQDN, which can hang on DNS.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
-
     def process_request(self, request, client_address):
         if not self._slots.acquire(blocking=False):
-            log.warning("%d connections open: refusing %s", MAX_CONNECTIONS, client_address[0])
+            log.debug("%d connections open: refusing %s", MAX_CONNECTIONS, client_address[0])
             self.shutdown_request(request)
             return
         try:
@@ -875,7 +872,11 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.probe_timeout >= args.probe_interval:
+        parser.error("--probe-timeout (%g) must be less than --probe-interval (%g)"
+                     % (args.probe_timeout, args.probe_interval))
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(levelname)s: %(message)s")
 
@@ -910,13 +911,15 @@ def main(argv=None):
     if ping_path is None:
         faults.start("ping", "ping program %r not found; latency will be null" % args.ping,
                      logging.ERROR)
-    engine = PingEngine(args.ping, args.probe_timeout, faults)
+    # The hard deadline leaves the round time to end before the next one starts.
+    margin = min(PROBE_MARGIN, (args.probe_interval - args.probe_timeout) / 2)
+    engine = PingEngine(args.ping, args.probe_timeout, faults, margin)
     watchdog = Watchdog()
     sampler = Sampler(state, args.procfs, args.sysfs, args.interval, faults, watchdog.on_sample)
     prober = Prober(state, peers, engine, args.probe_interval, faults)
 
     threads = [
-        threading.Thread(target=server.serve_forever, args=(0.25,), name="http", daemon=True),
+        threading.Thread(target=server.serve_forever, args=(0.5,), name="http", daemon=True),
         threading.Thread(target=sampler.run, args=(stop,), name="sampler", daemon=True),
         threading.Thread(target=prober.run, args=(stop,), name="prober", daemon=True),
     ]

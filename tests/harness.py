@@ -94,6 +94,7 @@ class FakeHost:
         self.busy_share, self.rx_bps, self.tx_bps = busy_share, rx_bps, tx_bps
         self.mem = (mem_total, mem_available)
         self.frozen = False
+        self.missing = set()        # files to delete instead of writing: "stat", "meminfo", "net/dev"
         self._stop = threading.Event()
         self._t0 = time.monotonic()
         self.write()
@@ -104,11 +105,20 @@ class FakeHost:
         t = time.monotonic() - self._t0
         ticks = int(t * 1_000_000) + 1_000_000
         user = int(ticks * self.busy_share)
-        write_atomic(os.path.join(self.procfs, "stat"), stat_text(user, 0, ticks - user))
-        write_atomic(os.path.join(self.procfs, "meminfo"), meminfo_text(*self.mem))
         rx, tx = int(t * self.rx_bps) + 10 ** 9, int(t * self.tx_bps) + 10 ** 9
-        write_atomic(os.path.join(self.procfs, "net", "dev"), net_dev_text({
-            "lo": (5 * rx, 5 * tx), "eth0": (rx, tx), "br0": (rx, tx), "veth0": (rx, tx)}))
+        files = {
+            "stat": stat_text(user, 0, ticks - user),
+            "meminfo": meminfo_text(*self.mem),
+            "net/dev": net_dev_text({"lo": (5 * rx, 5 * tx), "eth0": (rx, tx),
+                                     "br0": (rx, tx), "veth0": (rx, tx)}),
+        }
+        for name, text in files.items():
+            path = os.path.join(self.procfs, name)
+            if name in self.missing:
+                if os.path.exists(path):
+                    os.unlink(path)
+            else:
+                write_atomic(path, text)
 
     def _run(self):
         while not self._stop.wait(0.005):
