@@ -1,6 +1,7 @@
 """GET /metrics: text format, values from the /stats snapshot, promtool, a real Prometheus."""
 
 import builtins
+import sys
 import json
 import os
 import re
@@ -101,7 +102,7 @@ class MetricsRender(unittest.TestCase):
         self.assertEqual(s[("worker_monitor_peer_probes_sent_total", (("peer", "::1"),))], 10)
         self.assertEqual(s[("worker_monitor_peer_probes_answered_total", (("peer", "::1"),))], 3)
         self.assertEqual(s[("worker_monitor_build_info", (("version", wm.__version__),
-                                                          ("python", "%d.%d.%d" % os.sys.version_info[:3])))], 1)
+                                                          ("python", "%d.%d.%d" % sys.version_info[:3])))], 1)
 
     def test_null_is_absent_not_nan(self):
         self.assertNotIn(("worker_monitor_peer_rtt_seconds", (("peer", "::1"),)), self.samples)
