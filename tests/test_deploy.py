@@ -193,6 +193,14 @@ class Manifests(unittest.TestCase):
                          "privileged")
 
     @needs_kubectl
+    def test_plain_apply_k_is_refused_as_the_docs_say(self):
+        """Why the README pipes `kubectl kustomize --load-restrictor=...` into apply -f."""
+        out = subprocess.run([KUBECTL, "kustomize", DEPLOY], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, timeout=120)
+        self.assertNotEqual(out.returncode, 0)
+        self.assertIn(b"is not in or below", out.stderr)
+
+    @needs_kubectl
     def test_kustomize_generates_configmaps_from_the_real_files(self):
         docs = {(d["kind"], d["metadata"]["name"]): d
                 for d in yaml.safe_load_all(kustomize_build()) if d}

@@ -255,6 +255,13 @@ class Promtool(unittest.TestCase):
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
         self.assertEqual((out.returncode, out.stdout.decode()), (0, ""))
 
+    def test_nulls_and_escaped_labels_pass_promtool(self):
+        body = wm.render(snapshot_state(), "GET", "/metrics")[2]
+        self.assertIn(b'{peer="::1"} 0', body)
+        out = subprocess.run([PROMTOOL, "check", "metrics"], input=body,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=30)
+        self.assertEqual((out.returncode, out.stdout.decode()), (0, ""))
+
     def test_promtool_notices_a_broken_body(self):
         """The check above means something: promtool does flag a bad exposition."""
         bad = b"# TYPE worker_monitor_x_seconds counter\nworker_monitor_x_seconds 1\n"
