@@ -11,6 +11,7 @@ One file, Python 3.8+, the standard library only.
 __version__ = "0.1.0"
 
 import argparse
+import collections
 import http
 import ipaddress
 import json
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 
 log = logging.getLogger("worker-monitor")
 
@@ -213,10 +215,8 @@ def mem_usage(meminfo):
     return round(clamp01(1.0 - available / total), 4)
 
 
-def net_rates(prev, cur, elapsed, names):
-    """(rx, tx) in Mbit/s over names between two parse_net_dev() results."""
-    if elapsed is None or elapsed <= 0:
-        return None, None
+def net_bytes(prev, cur, names):
+    """(rx, tx) bytes moved over names between two parse_net_dev() results."""
     rx = tx = 0
     for name in names:
         before, after = prev.get(name), cur.get(name)
@@ -225,6 +225,14 @@ def net_rates(prev, cur, elapsed, names):
         # A counter that went down (device recreated, 32-bit wrap) gives 0.
         rx += max(0, after["rx_bytes"] - before["rx_bytes"])
         tx += max(0, after["tx_bytes"] - before["tx_bytes"])
+    return rx, tx
+
+
+def net_rates(prev, cur, elapsed, names):
+    """(rx, tx) in Mbit/s over names between two parse_net_dev() results."""
+    if elapsed is None or elapsed <= 0:
+        return None, None
+    rx, tx = net_bytes(prev, cur, names)
     scale = 8 / 1e6 / elapsed
     return round(rx * scale, 3), round(tx * scale, 3)
 
@@ -286,6 +294,7 @@ class Sampler:
         self.faults = faults
         self.on_sample = on_sample
         self.prev = None
+        self.net_total = None       # (rx, tx) bytes of the selected interfaces
 
     def _read(self, name, parse):
         try:
@@ -321,8 +330,22 @@ class Sampler:
             names = select_interfaces(list(cur["netdev"]), self.sysfs)
             rx, tx = net_rates(prev["netdev"], cur["netdev"],
                                cur["mono"] - prev["mono"], names)
-        self.state.set_sample(int(cur["time"]), cpu, mem, rx, tx)
+            self.net_total = self.count_bytes(prev["netdev"], cur["netdev"], names)
+        self.state.set_sample(int(cur["time"]), cpu, mem, rx, tx, net_total=self.net_total)
         return True
+
+    def count_bytes(self, prev, cur, names):
+        """Byte counters that start at the kernel's sum and only ever grow.
+
+        Summing the kernel's counters directly would go down when a device
+        goes away or wraps, which Prometheus takes for a restart of the whole
+        counter; adding the same clamped deltas as the rates avoids that.
+        """
+        if self.net_total is None:
+            return (sum(cur[n]["rx_bytes"] for n in names if n in cur),
+                    sum(cur[n]["tx_bytes"] for n in names if n in cur))
+        rx, tx = net_bytes(prev, cur, names)
+        return self.net_total[0] + rx, self.net_total[1] + tx
 
     def run(self, stop):
         start = time.monotonic()
@@ -500,6 +523,7 @@ class Prober:
         self.interval = interval
         self.faults = faults
         self.rounds = 0
+        self.probes = {}            # peer: (sent, answered) since start
 
     def round(self, stop):
         if self.peers.refresh():
@@ -509,14 +533,21 @@ class Prober:
         if stop.is_set():
             return
         latency = {}
+        probes = {}
         for peer in peers:
             rtt, error = results.get(peer, (None, "not probed"))
             latency[peer] = rtt
+            sent, answered = self.probes.get(peer, (0, 0))
+            # Only a probe that left the host counts as sent.
+            if error not in ("cannot run ping", "not permitted"):
+                sent += 1
+            probes[peer] = (sent, answered + (rtt is not None))
             if rtt is None and error not in ("cannot run ping", "not permitted"):
                 self.faults.start("peer " + peer, "peer %s: %s" % (peer, error))
             elif rtt is not None:
                 self.faults.end("peer " + peer, "peer %s: replying again (%.3f ms)" % (peer, rtt))
-        self.state.set_latency(peers, latency)
+        self.probes = probes
+        self.state.set_latency(peers, latency, probes=probes)
         self.rounds += 1
 
     def run(self, stop):
@@ -540,21 +571,124 @@ def json_bytes(obj):
     return json.dumps(obj, separators=(", ", ": "), allow_nan=False).encode()
 
 
+def prom_escape(value):
+    """A label value for the text format: backslash, double quote, newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def prom_number(value):
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def metrics_text(node_name, sample, latency, probes, net_total):
+    """The /metrics body (Prometheus text format 0.0.4) of one snapshot.
+
+    A value the snapshot does not have (null in /stats) is left out rather
+    than exported as NaN, so that queries and alerts see it as absent.
+    """
+    timestamp, cpu, mem, rx, tx = sample or (None,) * 5
+    rx_total, tx_total = net_total or (None, None)
+
+    def per_second(mbit):       # Mbit/s (10^6 bit/s) to bytes/s
+        return None if mbit is None else round(mbit * 125000, 3)
+
+    def per_peer(value):
+        return [((("peer", p),), value(p)) for p in latency]
+
+    families = (
+        ("cpu_usage_ratio", "gauge",
+         "Busy share of all CPUs over the last sampling interval (0..1).", [((), cpu)]),
+        ("memory_usage_ratio", "gauge",
+         "Share of memory in use, 1 - MemAvailable/MemTotal (0..1).", [((), mem)]),
+        ("network_receive_bytes_per_second", "gauge",
+         "Bytes received per second over the last sampling interval, selected interfaces.",
+         [((), per_second(rx))]),
+        ("network_transmit_bytes_per_second", "gauge",
+         "Bytes sent per second over the last sampling interval, selected interfaces.",
+         [((), per_second(tx))]),
+        ("network_receive_bytes_total", "counter",
+         "Bytes received on the selected interfaces (kernel counters, never decreasing).",
+         [((), rx_total)]),
+        ("network_transmit_bytes_total", "counter",
+         "Bytes sent on the selected interfaces (kernel counters, never decreasing).",
+         [((), tx_total)]),
+        ("peer_rtt_seconds", "gauge",
+         "Round-trip time to the peer in the latest probe round; absent without a reply.",
+         per_peer(lambda p: None if latency[p] is None else round(latency[p] / 1000, 6))),
+        ("peer_up", "gauge",
+         "1 if the peer answered its probe in the latest round, else 0.",
+         per_peer(lambda p: int(latency[p] is not None))),
+        ("peer_probes_sent_total", "counter",
+         "Probes sent to the peer since the agent started.",
+         per_peer(lambda p: probes.get(p, (0, 0))[0])),
+        ("peer_probes_answered_total", "counter",
+         "Probes the peer answered in time since the agent started.",
+         per_peer(lambda p: probes.get(p, (0, 0))[1])),
+        ("last_sample_timestamp_seconds", "gauge",
+         "Unix time of the latest sample.", [((), timestamp)]),
+        ("node_info", "gauge",
+         "Always 1; the node label is the nodeName of /stats.",
+         [(((("node", node_name),)), 1)]),
+        ("build_info", "gauge",
+         "Always 1; the labels name the agent's version and Python's.",
+         [((("version", __version__), ("python", "%d.%d.%d" % sys.version_info[:3])), 1)]),
+    )
+    lines = []
+    for name, kind, text, samples in families:
+        name = "worker_monitor_" + name
+        lines.append("# HELP %s %s" % (name, text))
+        lines.append("# TYPE %s %s" % (name, kind))
+        for labels, value in samples:
+            if value is None:
+                continue
+            if labels:
+                name_labels = "%s{%s}" % (name, ",".join(
+                    '%s="%s"' % (k, prom_escape(v)) for k, v in labels))
+            else:
+                name_labels = name
+            lines.append("%s %s" % (name_labels, prom_number(value)))
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
 class State:
     """The latest sample and latency, with the /stats body built once per change."""
 
-    def __init__(self, node_name):
+    def __init__(self, node_name, interval=1.0, probe_interval=5.0, history=300.0):
         self.node_name = node_name
+        self.interval = interval
+        self.probe_interval = probe_interval
         self._lock = threading.Lock()
         self._sample = None
         self._latency = {}
+        self._probes = {}
+        self._net_total = None
         self.stats_body = None      # bytes, swapped whole; None before the first sample
         self.sample_mono = None
+        self.fresh_mono = None      # the latest sample whose CPU counters advanced
+        self.round_mono = None      # the latest completed probe round
+        self.started_mono = time.monotonic()
+        # One JSON object (bytes) per sample, oldest first.
+        self.history = collections.deque(maxlen=max(1, math.ceil(history / interval)))
+        self.metrics_body = metrics_text(node_name, None, {}, {}, None)
 
-    def set_sample(self, timestamp, cpu, mem, rx, tx):
+    def set_sample(self, timestamp, cpu, mem, rx, tx, net_total=None):
         with self._lock:
             self._sample = (timestamp, cpu, mem, rx, tx)
             self.sample_mono = time.monotonic()
+            # The kernel's CPU counters advance every tick: no CPU reading means
+            # the procfs is unreadable or frozen, which /healthz reports.
+            if cpu is not None:
+                self.fresh_mono = self.sample_mono
+            if net_total is not None:
+                self._net_total = net_total
+            self.history.append(json_bytes(
+                {"timestamp": timestamp, "cpu": cpu, "mem": mem, "rx": rx, "tx": tx}))
             self._rebuild()
 
     def set_peers(self, peers):
@@ -563,12 +697,18 @@ class State:
             self._latency = {p: self._latency.get(p) for p in peers}
             self._rebuild()
 
-    def set_latency(self, peers, latency):
+    def set_latency(self, peers, latency, probes=None):
+        """Take a completed probe round; probes is {peer: (sent, answered)}."""
         with self._lock:
             self._latency = {p: latency.get(p) for p in peers}
+            if probes is not None:
+                self._probes = dict(probes)
+            self.round_mono = time.monotonic()
             self._rebuild()
 
     def _rebuild(self):
+        self.metrics_body = metrics_text(self.node_name, self._sample, self._latency,
+                                         self._probes, self._net_total)
         if self._sample is None:
             return
         timestamp, cpu, mem, rx, tx = self._sample
@@ -582,18 +722,64 @@ class State:
         body = self.stats_body
         return None if body is None else json.loads(body)
 
+    def history_body(self, count):
+        """The /history document with the latest count samples, oldest first."""
+        with self._lock:
+            samples = list(self.history)
+        return b'{"nodeName": %s, "interval": %s, "samples": [%s]}' % (
+            json_bytes(self.node_name), json_bytes(self.interval),
+            b", ".join(samples[-count:] if count > 0 else []))
+
+    def health(self, now=None):
+        """None when healthy, else the reason (for /healthz)."""
+        now = time.monotonic() if now is None else now
+        reasons = []
+        if self.fresh_mono is None:
+            reasons.append("no sample yet" if self.sample_mono is None else
+                           "no sample yet with readable, advancing CPU counters")
+        elif now - self.fresh_mono > 3 * self.interval:
+            reasons.append("last sample with readable, advancing CPU counters is %.1f s old "
+                           "(limit %g s)" % (now - self.fresh_mono, 3 * self.interval))
+        # Before the first round completes the agent's start stands in for it.
+        last_round = self.started_mono if self.round_mono is None else self.round_mono
+        if now - last_round > 3 * self.probe_interval:
+            reasons.append("no probe round completed for %.1f s (limit %g s)" % (
+                now - last_round, 3 * self.probe_interval))
+        return "; ".join(reasons) or None
+
 
 # ---------------------------------------------------------------------------
 # HTTP
 # ---------------------------------------------------------------------------
 
 JSON_TYPE = "application/json"
-ENDPOINTS = ("/stats",)
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+ENDPOINTS = ("/stats", "/metrics", "/history", "/healthz")
+HEALTHY_BODY = json_bytes({"status": "ok"})
 ALLOWED = "GET, HEAD"
 
 
 def error_body(status, message, **extra):
     return json_bytes(dict({"error": message, "status": status}, **extra))
+
+
+def history_count(target, state):
+    """(samples, None) for /history?seconds=N, or (None, problem); N is capped."""
+    retention = state.history.maxlen
+    try:
+        query = urllib.parse.parse_qs(target.partition("?")[2], keep_blank_values=True,
+                                      strict_parsing=False, max_num_fields=10)
+    except ValueError:
+        return None, "too many query parameters"
+    values = query.get("seconds")
+    if values is None:
+        return retention, None
+    text = values[0] if len(values) == 1 else ""
+    if not (text.isascii() and text.isdigit() and text.strip("0")):
+        return None, "seconds must be one positive integer, got %r" % ",".join(values)[:40]
+    if len(text) > 9:           # more than any retention; int() of it may be refused
+        return retention, None
+    return min(retention, math.ceil(int(text) / state.interval)), None
 
 
 def render(state, method, target):
@@ -608,6 +794,22 @@ def render(state, method, target):
             return 503, [("Retry-After", "1"), ("Content-Type", JSON_TYPE)], \
                 error_body(503, "no sample yet")
         return 200, [("Content-Type", JSON_TYPE), ("Cache-Control", "no-store")], body
+    if path == "/metrics":
+        return 200, [("Content-Type", METRICS_TYPE), ("Cache-Control", "no-store")], \
+            state.metrics_body
+    if path == "/healthz":
+        reason = state.health()
+        if reason is None:
+            return 200, [("Content-Type", JSON_TYPE), ("Cache-Control", "no-store")], \
+                HEALTHY_BODY
+        return 503, [("Content-Type", JSON_TYPE), ("Cache-Control", "no-store")], \
+            json_bytes({"status": "unhealthy", "reason": reason})
+    if path == "/history":
+        count, problem = history_count(target, state)
+        if problem:
+            return 400, [("Content-Type", JSON_TYPE)], error_body(400, problem)
+        return 200, [("Content-Type", JSON_TYPE), ("Cache-Control", "no-store")], \
+            state.history_body(count)
     return 404, [("Content-Type", JSON_TYPE)], \
         error_body(404, "not found", endpoints=list(ENDPOINTS))
 
@@ -864,6 +1066,8 @@ def build_parser():
                    help="where to read stat, meminfo and net/dev")
     p.add_argument("--sysfs", type=directory, default="/sys", metavar="DIR",
                    help="where to read class/net/*")
+    p.add_argument("--history", type=positive_float, default=300.0, metavar="S",
+                   help="how many seconds of samples GET /history keeps")
     p.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warning", "error"), help="log level")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
@@ -881,7 +1085,8 @@ def main(argv=None):
                         format="%(levelname)s: %(message)s")
 
     faults = Faults()
-    state = State(args.node_name)
+    state = State(args.node_name, interval=args.interval, probe_interval=args.probe_interval,
+                  history=args.history)
     try:
         server = Server((args.bind, args.port), state, access_log=args.access_log)
     except OSError as e:
