@@ -12,8 +12,7 @@ __version__ = "0.1.0"
 
 import argparse
 import collections
-import email.utils
-import http.server
+import http
 import ipaddress
 import json
 import logging
@@ -31,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import zlib
 
 log = logging.getLogger("worker-monitor")
@@ -85,9 +85,10 @@ MAX_CONNECTIONS = 256
 IDLE_TIMEOUT = 30.0
 
 # A DNS host name (RFC 1123): dot-separated labels of letters, digits and
-# inner hyphens, 253 characters at most, an optional final dot.
+# inner hyphens, 253 characters at most, an optional final dot; the last
+# label is not all digits (RFC 3696 2), so "300.1.1.1" is no name.
 _LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
-HOSTNAME_RE = re.compile(r"^(?=.{1,253}\.?$)%s(?:\.%s)*\.?$" % (_LABEL, _LABEL))
+HOSTNAME_RE = re.compile(r"^(?=.{1,253}\.?$)(?:%s\.)*(?![0-9]+\.?$)%s\.?$" % (_LABEL, _LABEL))
 
 # iputils: "64 bytes from 127.0.0.1: icmp_seq=1 ttl=64 time=0.045 ms";
 # busybox: "64 bytes from 127.0.0.1: seq=0 ttl=64 time=1.398 ms".
@@ -229,10 +230,8 @@ def mem_usage(meminfo):
     return round(clamp01(1.0 - available / total), 4)
 
 
-def net_rates(prev, cur, elapsed, names):
-    """(rx, tx) in Mbit/s over names between two parse_net_dev() results."""
-    if elapsed is None or elapsed <= 0:
-        return None, None
+def net_bytes(prev, cur, names):
+    """(rx, tx) bytes moved over names between two parse_net_dev() results."""
     rx = tx = 0
     for name in names:
         before, after = prev.get(name), cur.get(name)
@@ -241,6 +240,14 @@ def net_rates(prev, cur, elapsed, names):
         # A counter that went down (device recreated, 32-bit wrap) gives 0.
         rx += max(0, after["rx_bytes"] - before["rx_bytes"])
         tx += max(0, after["tx_bytes"] - before["tx_bytes"])
+    return rx, tx
+
+
+def net_rates(prev, cur, elapsed, names):
+    """(rx, tx) in Mbit/s over names between two parse_net_dev() results."""
+    if elapsed is None or elapsed <= 0:
+        return None, None
+    rx, tx = net_bytes(prev, cur, names)
     scale = 8 / 1e6 / elapsed
     return round(rx * scale, 3), round(tx * scale, 3)
 
@@ -253,20 +260,21 @@ class Faults:
     """Logs a persistent fault when it starts and when it ends, not each time."""
 
     def __init__(self):
-        self._active = {}
+        self._active = set()
         self._lock = threading.Lock()
 
     def start(self, key, message, level=logging.WARNING):
         with self._lock:
-            if self._active.get(key) == message:
+            if key in self._active:
                 return
-            self._active[key] = message
+            self._active.add(key)
         log.log(level, "%s", message)
 
     def end(self, key, message):
         with self._lock:
-            if self._active.pop(key, None) is None:
+            if key not in self._active:
                 return
+            self._active.discard(key)
         log.info("%s", message)
 
     def active(self, key):
@@ -301,6 +309,7 @@ class Sampler:
         self.faults = faults
         self.on_sample = on_sample
         self.prev = None
+        self.net_total = None       # (rx, tx) bytes of the selected interfaces
 
     def _read(self, name, parse):
         try:
@@ -336,8 +345,22 @@ class Sampler:
             names = select_interfaces(list(cur["netdev"]), self.sysfs)
             rx, tx = net_rates(prev["netdev"], cur["netdev"],
                                cur["mono"] - prev["mono"], names)
-        self.state.set_sample(int(cur["time"]), cpu, mem, rx, tx)
+            self.net_total = self.count_bytes(prev["netdev"], cur["netdev"], names)
+        self.state.set_sample(int(cur["time"]), cpu, mem, rx, tx, net_total=self.net_total)
         return True
+
+    def count_bytes(self, prev, cur, names):
+        """Byte counters that start at the kernel's sum and only ever grow.
+
+        Summing the kernel's counters directly would go down when a device
+        goes away or wraps, which Prometheus takes for a restart of the whole
+        counter; adding the same clamped deltas as the rates avoids that.
+        """
+        if self.net_total is None:
+            return (sum(cur[n]["rx_bytes"] for n in names if n in cur),
+                    sum(cur[n]["tx_bytes"] for n in names if n in cur))
+        rx, tx = net_bytes(prev, cur, names)
+        return self.net_total[0] + rx, self.net_total[1] + tx
 
     def run(self, stop):
         start = time.monotonic()
@@ -395,12 +418,9 @@ class PeerList:
                 with open(self.path, encoding="utf-8", errors="replace") as f:
                     text = f.read()
             except FileNotFoundError:
-                if self._stamp is None and not self.faults.active("peers"):
-                    self.faults.start("peers", "peers file %s not found: no peers to probe" % self.path)
-                    self._stamp = "missing"
-                    return False
-                self.faults.start("peers", "peers file %s not found: keeping %d peers" % (
-                    self.path, len(self.peers)))
+                self.faults.start("peers", "peers file %s not found: %s" % (
+                    self.path, "keeping %d peers" % len(self.peers) if self._stamp
+                    else "no peers to probe"))
                 return False
             except OSError as e:
                 self.faults.start("peers", "cannot read peers file %s: %s (keeping %d peers)" % (
@@ -458,9 +478,10 @@ class PingEngine:
     name = "ping"
     spread = 0.0                    # seconds over which one round's probes start
 
-    def __init__(self, command, timeout, faults):
+    def __init__(self, command, timeout, faults, margin=PROBE_MARGIN):
         self.argv0 = shlex.split(command) or ["ping"]
         self.timeout = timeout
+        self.margin = margin
         self.faults = faults
         self.env = dict(os.environ, LC_ALL="C", LANG="C")
 
@@ -493,7 +514,7 @@ class PingEngine:
                         results[peer] = (None, "cannot run ping")
                         continue
                     os.set_blocking(proc.stdout.fileno(), False)
-                    deadline = time.monotonic() + self.timeout + PROBE_MARGIN
+                    deadline = time.monotonic() + self.timeout + self.margin
                     inflight[proc.stdout.fileno()] = [peer, proc, deadline, []]
                     sel.register(proc.stdout.fileno(), selectors.EVENT_READ)
                 now = time.monotonic()
@@ -572,6 +593,7 @@ class Prober:
         self.interval = interval
         self.faults = faults
         self.rounds = 0
+        self.probes = {}            # peer: (sent, answered) since start
         self.window = LatencyWindow(window)
         self.publish_window(list(getattr(peers, "peers", [])))
 
@@ -591,14 +613,21 @@ class Prober:
         self.window.record(peers, results, getattr(self.engine, "sent_at", {}), probed_at)
         self.publish_window(peers)
         latency = {}
+        probes = {}
         for peer in peers:
             rtt, error = results.get(peer, (None, "not probed"))
             latency[peer] = rtt
+            sent, answered = self.probes.get(peer, (0, 0))
+            # Only a probe that left the host counts as sent.
+            if error not in ("cannot run ping", "not permitted", "no ICMP socket"):
+                sent += 1
+            probes[peer] = (sent, answered + (rtt is not None))
             if rtt is None and error not in ("cannot run ping", "not permitted", "no ICMP socket"):
                 self.faults.start("peer " + peer, "peer %s: %s" % (peer, error))
             elif rtt is not None:
                 self.faults.end("peer " + peer, "peer %s: replying again (%.3f ms)" % (peer, rtt))
-        self.state.set_latency(peers, latency)
+        self.probes = probes
+        self.state.set_latency(peers, latency, probes=probes)
         self.rounds += 1
 
     def run(self, stop):
@@ -1014,7 +1043,7 @@ class IcmpEngine:
                 results[entry[0]] = (round(rtt, 3), None)
 
 
-def make_engine(probe, ping, timeout, faults, spread=0.0, kind=None):
+def make_engine(probe, ping, timeout, faults, spread=0.0, kind=None, margin=PROBE_MARGIN):
     """The engine asked for, or the other one when it cannot work here (one log line)."""
     ping_path = shutil.which(shlex.split(ping)[0] if ping.strip() else "ping")
     if probe == "icmp":
@@ -1034,7 +1063,7 @@ def make_engine(probe, ping, timeout, faults, spread=0.0, kind=None):
         if ping_path is None:
             faults.start("ping", "ping program %r not found; latency will be null" % ping,
                          logging.ERROR)
-        engine = PingEngine(ping, timeout, faults)
+        engine = PingEngine(ping, timeout, faults, margin)
     engine.spread = spread
     return engine
 
@@ -1092,22 +1121,125 @@ def json_bytes(obj):
     return json.dumps(obj, separators=(", ", ": "), allow_nan=False).encode()
 
 
+def prom_escape(value):
+    """A label value for the text format: backslash, double quote, newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def prom_number(value):
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def metrics_text(node_name, sample, latency, probes, net_total):
+    """The /metrics body (Prometheus text format 0.0.4) of one snapshot.
+
+    A value the snapshot does not have (null in /stats) is left out rather
+    than exported as NaN, so that queries and alerts see it as absent.
+    """
+    timestamp, cpu, mem, rx, tx = sample or (None,) * 5
+    rx_total, tx_total = net_total or (None, None)
+
+    def per_second(mbit):       # Mbit/s (10^6 bit/s) to bytes/s
+        return None if mbit is None else round(mbit * 125000, 3)
+
+    def per_peer(value):
+        return [((("peer", p),), value(p)) for p in latency]
+
+    families = (
+        ("cpu_usage_ratio", "gauge",
+         "Busy share of all CPUs over the last sampling interval (0..1).", [((), cpu)]),
+        ("memory_usage_ratio", "gauge",
+         "Share of memory in use, 1 - MemAvailable/MemTotal (0..1).", [((), mem)]),
+        ("network_receive_bytes_per_second", "gauge",
+         "Bytes received per second over the last sampling interval, selected interfaces.",
+         [((), per_second(rx))]),
+        ("network_transmit_bytes_per_second", "gauge",
+         "Bytes sent per second over the last sampling interval, selected interfaces.",
+         [((), per_second(tx))]),
+        ("network_receive_bytes_total", "counter",
+         "Bytes received on the selected interfaces (kernel counters, never decreasing).",
+         [((), rx_total)]),
+        ("network_transmit_bytes_total", "counter",
+         "Bytes sent on the selected interfaces (kernel counters, never decreasing).",
+         [((), tx_total)]),
+        ("peer_rtt_seconds", "gauge",
+         "Round-trip time to the peer in the latest probe round; absent without a reply.",
+         per_peer(lambda p: None if latency[p] is None else round(latency[p] / 1000, 6))),
+        ("peer_up", "gauge",
+         "1 if the peer answered its probe in the latest round, else 0.",
+         per_peer(lambda p: int(latency[p] is not None))),
+        ("peer_probes_sent_total", "counter",
+         "Probes sent to the peer since the agent started.",
+         per_peer(lambda p: probes.get(p, (0, 0))[0])),
+        ("peer_probes_answered_total", "counter",
+         "Probes the peer answered in time since the agent started.",
+         per_peer(lambda p: probes.get(p, (0, 0))[1])),
+        ("last_sample_timestamp_seconds", "gauge",
+         "Unix time of the latest sample.", [((), timestamp)]),
+        ("node_info", "gauge",
+         "Always 1; the node label is the nodeName of /stats.",
+         [(((("node", node_name),)), 1)]),
+        ("build_info", "gauge",
+         "Always 1; the labels name the agent's version and Python's.",
+         [((("version", __version__), ("python", "%d.%d.%d" % sys.version_info[:3])), 1)]),
+    )
+    lines = []
+    for name, kind, text, samples in families:
+        name = "worker_monitor_" + name
+        lines.append("# HELP %s %s" % (name, text))
+        lines.append("# TYPE %s %s" % (name, kind))
+        for labels, value in samples:
+            if value is None:
+                continue
+            if labels:
+                name_labels = "%s{%s}" % (name, ",".join(
+                    '%s="%s"' % (k, prom_escape(v)) for k, v in labels))
+            else:
+                name_labels = name
+            lines.append("%s %s" % (name_labels, prom_number(value)))
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
 class State:
     """The latest sample and latency, with the /stats body built once per change."""
 
-    def __init__(self, node_name):
+    def __init__(self, node_name, interval=1.0, probe_interval=5.0, history=300.0):
         self.node_name = node_name
+        self.interval = interval
+        self.probe_interval = probe_interval
         self._lock = threading.Lock()
         self._sample = None
         self._latency = {}
+        self._probes = {}
+        self._net_total = None
         self.stats_body = None      # bytes, swapped whole; None before the first sample
         self.sample_mono = None
         self.latency_body = None    # bytes of /latency, swapped whole
+        self.fresh_mono = None      # the latest sample whose CPU counters advanced
+        self.round_mono = None      # the latest completed probe round
+        self.started_mono = time.monotonic()
+        # One JSON object (bytes) per sample, oldest first.
+        self.history = collections.deque(maxlen=max(1, math.ceil(history / interval)))
+        self.metrics_body = metrics_text(node_name, None, {}, {}, None)
 
-    def set_sample(self, timestamp, cpu, mem, rx, tx):
+    def set_sample(self, timestamp, cpu, mem, rx, tx, net_total=None):
         with self._lock:
             self._sample = (timestamp, cpu, mem, rx, tx)
             self.sample_mono = time.monotonic()
+            # The kernel's CPU counters advance every tick: no CPU reading means
+            # the procfs is unreadable or frozen, which /healthz reports.
+            if cpu is not None:
+                self.fresh_mono = self.sample_mono
+            if net_total is not None:
+                self._net_total = net_total
+            self.history.append(json_bytes(
+                {"timestamp": timestamp, "cpu": cpu, "mem": mem, "rx": rx, "tx": tx}))
             self._rebuild()
 
     def set_peers(self, peers):
@@ -1121,12 +1253,18 @@ class State:
         with self._lock:
             self.latency_body = body
 
-    def set_latency(self, peers, latency):
+    def set_latency(self, peers, latency, probes=None):
+        """Take a completed probe round; probes is {peer: (sent, answered)}."""
         with self._lock:
             self._latency = {p: latency.get(p) for p in peers}
+            if probes is not None:
+                self._probes = dict(probes)
+            self.round_mono = time.monotonic()
             self._rebuild()
 
     def _rebuild(self):
+        self.metrics_body = metrics_text(self.node_name, self._sample, self._latency,
+                                         self._probes, self._net_total)
         if self._sample is None:
             return
         timestamp, cpu, mem, rx, tx = self._sample
@@ -1140,18 +1278,64 @@ class State:
         body = self.stats_body
         return None if body is None else json.loads(body)
 
+    def history_body(self, count):
+        """The /history document with the latest count samples, oldest first."""
+        with self._lock:
+            samples = list(self.history)
+        return b'{"nodeName": %s, "interval": %s, "samples": [%s]}' % (
+            json_bytes(self.node_name), json_bytes(self.interval),
+            b", ".join(samples[-count:] if count > 0 else []))
+
+    def health(self, now=None):
+        """None when healthy, else the reason (for /healthz)."""
+        now = time.monotonic() if now is None else now
+        reasons = []
+        if self.fresh_mono is None:
+            reasons.append("no sample yet" if self.sample_mono is None else
+                           "no sample yet with readable, advancing CPU counters")
+        elif now - self.fresh_mono > 3 * self.interval:
+            reasons.append("last sample with readable, advancing CPU counters is %.1f s old "
+                           "(limit %g s)" % (now - self.fresh_mono, 3 * self.interval))
+        # Before the first round completes the agent's start stands in for it.
+        last_round = self.started_mono if self.round_mono is None else self.round_mono
+        if now - last_round > 3 * self.probe_interval:
+            reasons.append("no probe round completed for %.1f s (limit %g s)" % (
+                now - last_round, 3 * self.probe_interval))
+        return "; ".join(reasons) or None
+
 
 # ---------------------------------------------------------------------------
 # HTTP
 # ---------------------------------------------------------------------------
 
 JSON_TYPE = "application/json"
-ENDPOINTS = ("/stats", "/latency")
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+ENDPOINTS = ("/stats", "/latency", "/metrics", "/history", "/healthz")
+HEALTHY_BODY = json_bytes({"status": "ok"})
 ALLOWED = "GET, HEAD"
 
 
 def error_body(status, message, **extra):
     return json_bytes(dict({"error": message, "status": status}, **extra))
+
+
+def history_count(target, state):
+    """(samples, None) for /history?seconds=N, or (None, problem); N is capped."""
+    retention = state.history.maxlen
+    try:
+        query = urllib.parse.parse_qs(target.partition("?")[2], keep_blank_values=True,
+                                      strict_parsing=False, max_num_fields=10)
+    except ValueError:
+        return None, "too many query parameters"
+    values = query.get("seconds")
+    if values is None:
+        return retention, None
+    text = values[0] if len(values) == 1 else ""
+    if not (text.isascii() and text.isdigit() and text.strip("0")):
+        return None, "seconds must be one positive integer, got %r" % ",".join(values)[:40]
+    if len(text) > 9:           # more than any retention; int() of it may be refused
+        return retention, None
+    return min(retention, math.ceil(int(text) / state.interval)), None
 
 
 def render(state, method, target):
@@ -1172,32 +1356,54 @@ def render(state, method, target):
             return 503, [("Retry-After", "1"), ("Content-Type", JSON_TYPE)], \
                 error_body(503, "no probe round yet")
         return 200, [("Content-Type", JSON_TYPE), ("Cache-Control", "no-store")], body
+    if path == "/metrics":
+        return 200, [("Content-Type", METRICS_TYPE), ("Cache-Control", "no-store")], \
+            state.metrics_body
+    if path == "/healthz":
+        reason = state.health()
+        if reason is None:
+            return 200, [("Content-Type", JSON_TYPE), ("Cache-Control", "no-store")], \
+                HEALTHY_BODY
+        return 503, [("Content-Type", JSON_TYPE), ("Cache-Control", "no-store")], \
+            json_bytes({"status": "unhealthy", "reason": reason})
+    if path == "/history":
+        count, problem = history_count(target, state)
+        if problem:
+            return 400, [("Content-Type", JSON_TYPE)], error_body(400, problem)
+        return 200, [("Content-Type", JSON_TYPE), ("Cache-Control", "no-store")], \
+            state.history_body(count)
     return 404, [("Content-Type", JSON_TYPE)], \
         error_body(404, "not found", endpoints=list(ENDPOINTS))
 
 
+_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _date_cache = [0, ""]
 
 
 def http_date():
-    """The Date header, formatted once per second."""
+    """The Date header (RFC 9110 IMF-fixdate), formatted once per second."""
     now = int(time.time())
     if _date_cache[0] != now:
-        _date_cache[:] = [now, email.utils.formatdate(now, usegmt=True)]
+        t = time.gmtime(now)
+        _date_cache[:] = [now, "%s, %02d %s %04d %02d:%02d:%02d GMT" % (
+            _WEEKDAYS[t.tm_wday], t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year,
+            t.tm_hour, t.tm_min, t.tm_sec)]
     return _date_cache[1]
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
+class Handler(socketserver.StreamRequestHandler):
     """Reads a request, asks render(), writes the answer in one send.
 
-    http.server's own parse_request runs the email package over the headers
-    and its send_response writes head and body in two sends; with Nagle's
-    algorithm and the client's delayed ACK a keep-alive client then waits
-    ~40 ms per request. Here the head is parsed by hand and the whole
-    response goes out in one sendall on a TCP_NODELAY socket.
+    This is http.server's model (socketserver, a thread per connection)
+    without http.server itself: its parse_request runs the email package over
+    every request's headers, its send_response writes head and body in two
+    sends (with Nagle's algorithm and the client's delayed ACK a keep-alive
+    client then waits ~40 ms per request), and importing it loads ssl and
+    email, 4 MB of RSS the agent never uses. Here the head is parsed by hand
+    and the whole response goes out in one sendall on a TCP_NODELAY socket.
     """
 
-    protocol_version = "HTTP/1.1"
     server_version = "worker-monitor/" + __version__
     timeout = IDLE_TIMEOUT
     disable_nagle_algorithm = True
@@ -1252,7 +1458,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not header:
             self.close_connection = True
             return
-        self.command, self.path, self.request_version = method, target, version
         status, headers, body = render(self.server.state, method, target)
         # A body we do not read would be taken for the next request.
         self.close_connection = not keep_alive or has_body or status == 405
@@ -1267,8 +1472,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                             error_body(status, message))
 
     def write_response(self, status, headers, body, length=None):
-        head = ["HTTP/1.1 %d %s" % (status, http.server.BaseHTTPRequestHandler.responses
-                                    .get(status, ("",))[0]),
+        head = ["HTTP/1.1 %d %s" % (status, http.HTTPStatus(status).phrase),
                 "Server: " + self.server_version, "Date: " + http_date()]
         head += ["%s: %s" % h for h in headers]
         head.append("Content-Length: %d" % (len(body) if length is None else length))
@@ -1277,12 +1481,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
 
 
-class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+class Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     """A thread per connection, a bounded number of connections."""
 
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
+    # socketserver's default backlog of 5 overflows under a burst of new
+    # connections, and each overflow costs the client a 1 s SYN retransmit.
+    request_queue_size = 128
 
     def __init__(self, address, state, access_log=False):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
@@ -1291,14 +1498,9 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(address, Handler)
 
-    def server_bind(self):
-        # HTTPServer.server_bind looks up the host's FQDN, which can hang on DNS.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
-
     def process_request(self, request, client_address):
         if not self._slots.acquire(blocking=False):
-            log.warning("%d connections open: refusing %s", MAX_CONNECTIONS, client_address[0])
+            log.debug("%d connections open: refusing %s", MAX_CONNECTIONS, client_address[0])
             self.shutdown_request(request)
             return
         try:
@@ -1439,6 +1641,8 @@ def build_parser():
                    help="where to read stat, meminfo and net/dev")
     p.add_argument("--sysfs", type=directory, default="/sys", metavar="DIR",
                    help="where to read class/net/*")
+    p.add_argument("--history", type=positive_float, default=300.0, metavar="S",
+                   help="how many seconds of samples GET /history keeps")
     p.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warning", "error"), help="log level")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
@@ -1447,12 +1651,17 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.probe_timeout >= args.probe_interval:
+        parser.error("--probe-timeout (%g) must be less than --probe-interval (%g)"
+                     % (args.probe_timeout, args.probe_interval))
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(levelname)s: %(message)s")
 
     faults = Faults()
-    state = State(args.node_name)
+    state = State(args.node_name, interval=args.interval, probe_interval=args.probe_interval,
+                  history=args.history)
     try:
         server = Server((args.bind, args.port), state, access_log=args.access_log)
     except OSError as e:
@@ -1478,14 +1687,16 @@ def main(argv=None):
     peers = PeerList(args.peers, faults)
     peers.refresh()
     state.set_peers(peers.peers)
+    # The hard deadline leaves the round time to end before the next one starts.
+    margin = min(PROBE_MARGIN, (args.probe_interval - args.probe_timeout) / 2)
     engine = make_engine(args.probe, args.ping, args.probe_timeout, faults,
-                         spread=min(PROBE_SPREAD, args.probe_interval / 10))
+                         spread=min(PROBE_SPREAD, args.probe_interval / 10), margin=margin)
     watchdog = Watchdog()
     sampler = Sampler(state, args.procfs, args.sysfs, args.interval, faults, watchdog.on_sample)
     prober = Prober(state, peers, engine, args.probe_interval, faults, window=args.window)
 
     threads = [
-        threading.Thread(target=server.serve_forever, args=(0.25,), name="http", daemon=True),
+        threading.Thread(target=server.serve_forever, args=(0.5,), name="http", daemon=True),
         threading.Thread(target=sampler.run, args=(stop,), name="sampler", daemon=True),
         threading.Thread(target=prober.run, args=(stop,), name="prober", daemon=True),
     ]

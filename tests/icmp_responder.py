@@ -10,7 +10,10 @@ of the requests in an even pattern. Addresses not configured get no answer.
 
 usage: icmp_responder.py CONFIG.json COUNTS.json
 CONFIG: {"198.18.1.1": {"delay": 5, "jitter": 0, "loss": 0}, ...}
-On SIGTERM it writes {address: requests received} to COUNTS and exits.
+On SIGTERM it writes {"counts": {address: requests received}, "applied":
+{address: {n: ms}}} to COUNTS and exits: "applied" is the delay each
+answered request n really got, from the kernel's receive timestamp to the
+reply's send, so a test can tell its host stalling from a probe's error.
 """
 
 import heapq
@@ -24,6 +27,7 @@ import sys
 import time
 
 ICMP6_FILTER = 1
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 
 
 def checksum(data):
@@ -45,6 +49,7 @@ def open_socket(address):
     else:
         sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
         sock.bind((address, 0))
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
     sock.setblocking(False)
     return sock
 
@@ -76,15 +81,18 @@ def main(argv):
         pass
     running = [True]
     signal.signal(signal.SIGTERM, lambda *a: running.__setitem__(0, False))
-    queue = []          # (due, n, socket, reply, source)
+    applied = {a: {} for a in config}
+    queue = []          # (due, n, socket, reply, source, address, k, arrived)
     n = 0
     print("ready", flush=True)
     while running[0]:
         now = time.monotonic()
         while queue and queue[0][0] <= now:
-            _, _, sock, reply, source = heapq.heappop(queue)
+            _, _, sock, reply, source, address, k, arrived = heapq.heappop(queue)
+            sent = time.monotonic()
             try:
                 sock.sendto(reply, source)
+                applied[address][k] = round((sent - arrived) * 1000, 3)
             except OSError:
                 pass
             now = time.monotonic()
@@ -96,9 +104,14 @@ def main(argv):
             address, sock = key.data, key.fileobj
             while True:
                 try:
-                    packet, source = sock.recvfrom(4096)
+                    packet, ancdata, _, source = sock.recvmsg(4096, 64)
                 except (BlockingIOError, InterruptedError):
                     break
+                for level, kind, value in ancdata:
+                    if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                        sec, nsec = struct.unpack_from("@ll", value)
+                        # The kernel's receive time, on the monotonic clock.
+                        arrived = time.monotonic() - (time.time() - (sec + nsec / 1e9))
                 reply = reply_for(address, packet)
                 if reply is None:
                     continue
@@ -111,9 +124,10 @@ def main(argv):
                 jitter = c.get("jitter", 0) * (1 if k % 2 else -1)
                 delay = max(0.0, c.get("delay", 0) + jitter) / 1000
                 n += 1
-                heapq.heappush(queue, (arrived + delay, n, sock, reply, source))
+                heapq.heappush(queue, (arrived + delay, n, sock, reply, source, address, k,
+                                       arrived))
     with open(argv[2], "w") as f:
-        json.dump(counts, f)
+        json.dump({"counts": counts, "applied": applied}, f)
     return 0
 
 

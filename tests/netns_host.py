@@ -117,7 +117,7 @@ class NetnsHost:
         return counts
 
     def stop_responder(self):
-        """Stop the responder; return {address: requests it received}."""
+        """Stop the responder; return {"counts": {address: requests}, "applied": ...}."""
         self.responder.terminate()
         self.responder.wait(5)
         with open(self.counts_path) as f:

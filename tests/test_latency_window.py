@@ -206,7 +206,8 @@ class AgentProcess(unittest.TestCase):
         port = free_port()
         proc = subprocess.Popen(
             [sys.executable, wm.__file__, "--port", str(port), "--bind", "127.0.0.1",
-             "--peers", f.name, "--probe-interval", "0.3", "--window", "4"] + list(extra),
+             "--peers", f.name, "--probe-interval", "0.3", "--probe-timeout", "0.2",
+             "--window", "4"] + list(extra),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             deadline = time.monotonic() + 10

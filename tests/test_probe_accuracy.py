@@ -69,10 +69,13 @@ class ProbeAccuracy(unittest.TestCase):
                     [sys.executable, os.path.join(netns_host.HERE, "probe_runner.py"), path],
                     stdout=subprocess.PIPE, timeout=ROUNDS * INTERVAL + 30).stdout
             finally:
-                counts = self.host.stop_responder()
+                host = self.host.stop_responder()
             run = json.loads(out)
             self.assertEqual(run["engine"], engine)
-            run["counts"] = counts
+            run["counts"] = host["counts"]
+            # Round n of a peer is its nth request: the delay it really got.
+            run["applied"] = {a: [d.get(str(n)) for n in range(ROUNDS)]
+                              for a, d in host["applied"].items()}
             self.runs[key] = run
         return self.runs[key]
 
@@ -83,31 +86,52 @@ class ProbeAccuracy(unittest.TestCase):
         run = self.run_engine(engine, kind)
         stats = run["latency"]["peers"]
         self.assertEqual(list(stats), PEERS)
-        # Set delays from 3 ms to 300 ms, IPv4 and IPv6: within a millisecond or two.
-        for peer in ("198.18.1.1", "198.18.1.2", "198.18.1.3", "fd77:1::1"):
-            rtts = self.samples(run, peer)
-            self.assertNotIn(None, rtts, peer)
+        # Each RTT against the delay the host really applied to that request:
+        # the probe's own error, whatever the test machine's load did to the host.
+        for peer, setting in HOST.items():
+            for n, (rtt, applied) in enumerate(zip(self.samples(run, peer), run["applied"][peer])):
+                if applied is None or applied > TIMEOUT * 1000:
+                    self.assertIsNone(rtt, "%s round %d" % (peer, n))
+                else:
+                    self.assertIsNotNone(rtt, "%s round %d" % (peer, n))
+                    self.assertAlmostEqual(rtt, applied, delta=1.0,
+                                           msg="%s round %d" % (peer, n))
+        # Set delays from 3 ms to 300 ms, IPv4 and IPv6: within a millisecond or two
+        # (the median: a rare stall of a loaded machine may delay one answer).
+        for peer in ("198.18.1.1", "198.18.1.3", "fd77:1::1", "198.18.1.4", "fd77:1::2"):
+            rtts = [x for x in self.samples(run, peer) if x is not None]
             self.assertAlmostEqual(statistics.median(rtts), HOST[peer]["delay"], delta=2.0,
                                    msg="%s %s" % (peer, rtts))
-            self.assertAlmostEqual(stats[peer]["avg"], HOST[peer]["delay"], delta=2.0)
-            for rtt in rtts:
-                self.assertGreaterEqual(rtt, HOST[peer]["delay"] - HOST[peer].get("jitter", 0))
         for peer in ("198.18.1.1", "198.18.1.3"):
-            for rtt in self.samples(run, peer):
-                self.assertAlmostEqual(rtt, HOST[peer]["delay"], delta=2.0, msg=peer)
-        # Jitter: the responder alternates delay -/+ jitter, a standard deviation of jitter.
+            near = [x for x in self.samples(run, peer) if abs(x - HOST[peer]["delay"]) <= 2.0]
+            self.assertGreaterEqual(len(near), ROUNDS - 2, "%s %s" % (peer, run["applied"][peer]))
+        # Jitter: the host alternates delay -/+ jitter, a standard deviation of jitter.
         for peer in ("198.18.1.2", "fd77:1::1"):
-            self.assertAlmostEqual(stats[peer]["mdev"], HOST[peer]["jitter"], delta=1.5,
-                                   msg="%s %s" % (peer, stats[peer]))
-            self.assertLess(stats["198.18.1.1"]["mdev"], 1.0)
+            applied = run["applied"][peer]
+            mean = sum(applied) / len(applied)
+            sd = (sum((x - mean) ** 2 for x in applied) / len(applied)) ** 0.5
+            self.assertAlmostEqual(stats[peer]["mdev"], sd, delta=0.5, msg=peer)
+            self.assertAlmostEqual(stats[peer]["avg"], mean, delta=1.0, msg=peer)
+            low = sorted(self.samples(run, peer))[:ROUNDS // 2]
+            high = sorted(self.samples(run, peer))[ROUNDS // 2:]
+            setting = HOST[peer]
+            self.assertAlmostEqual(statistics.median(low), setting["delay"] - setting["jitter"],
+                                   delta=2.0, msg=peer)
+            self.assertAlmostEqual(statistics.median(high), setting["delay"] + setting["jitter"],
+                                   delta=2.0, msg=peer)
+            # And to the set jitter itself, unless a stall of the host skewed a delay.
+            expected = [setting["delay"] + setting["jitter"] * (1 if n % 2 else -1)
+                        for n in range(ROUNDS)]
+            if all(abs(a - e) <= 1.0 for a, e in zip(applied, expected)):
+                self.assertAlmostEqual(stats[peer]["mdev"], setting["jitter"], delta=1.0,
+                                       msg="%s %s" % (peer, stats[peer]))
+        self.assertLess(stats["198.18.1.1"]["mdev"], 1.5)
         # Loss over the window.
         for peer in ("198.18.1.4", "fd77:1::2"):
             self.assertAlmostEqual(stats[peer]["loss"], HOST[peer]["loss"], delta=0.13, msg=peer)
             self.assertEqual(stats[peer]["sent"], ROUNDS)
             got = [x for x in self.samples(run, peer) if x is not None]
             self.assertEqual(stats[peer]["received"], len(got))
-            for rtt in got:
-                self.assertAlmostEqual(rtt, HOST[peer]["delay"], delta=3.0)
         # Past the timeout: null every round, the late answers matched to nothing.
         self.assertEqual(self.samples(run, "198.18.1.5"), [None] * ROUNDS)
         self.assertEqual(stats["198.18.1.5"]["loss"], 1.0)
