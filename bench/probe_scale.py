@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -55,7 +56,8 @@ def run_agent(host, engine, peers_file, seconds):
     port = free_port()
     log = open(os.path.join(host.tmp, "agent-%s.log" % engine), "w+")
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", host.near, sys.executable, os.path.join(ROOT, "worker_monitor.py"),
+        ["ip", "netns", "exec", host.near, sys.executable, "-X", "faulthandler",
+         os.path.join(ROOT, "worker_monitor.py"),
          "--bind", "127.0.0.1", "--port", str(port), "--peers", peers_file,
          "--probe", engine, "--probe-interval", str(INTERVAL), "--probe-timeout", "1",
          "--window", "1000", "--node-name", "bench"],
@@ -80,7 +82,16 @@ def run_agent(host, engine, peers_file, seconds):
         after = fetch(host, port, "/latency")
     finally:
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            # SIGTERM must stop the agent within 2 s: show where it hangs.
+            proc.send_signal(signal.SIGABRT)
+            proc.wait(10)
+            log.seek(0)
+            sys.stderr.write("agent --probe %s did not stop on SIGTERM:\n%s\n" % (
+                engine, log.read()[-8000:]))
+            raise
     sent = received = full = 0
     rounds = set()
     for peer, b in before["peers"].items():
