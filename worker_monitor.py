@@ -25,6 +25,7 @@ import shutil
 import signal
 import socket
 import socketserver
+import stat
 import struct
 import subprocess
 import sys
@@ -60,6 +61,10 @@ NET_DEV_FIELDS = (
     "tx_bytes", "tx_packets", "tx_errs", "tx_drop", "tx_fifo", "tx_colls",
     "tx_carrier", "tx_compressed")
 
+# peers.txt: 10,000 peers take about 200 KB.
+MAX_PEERS_BYTES = 1 << 20
+MAX_PEER_WARNINGS = 20
+
 # How long past --probe-timeout a probe may run (fork, exec, name lookup)
 # before its child is killed.
 PROBE_MARGIN = 1.0
@@ -81,8 +86,10 @@ DNS_RETRY = 15.0
 MAX_REQUEST_LINE = 8190
 MAX_HEADER_LINE = 8190
 MAX_HEADERS = 100
-MAX_CONNECTIONS = 256
-IDLE_TIMEOUT = 30.0
+MAX_HEAD = 65536
+MAX_CONNECTIONS = 512
+IDLE_TIMEOUT = 30.0     # for a keep-alive connection between requests
+HEAD_TIMEOUT = 10.0     # for a request head, from its first byte to its end
 
 # A DNS host name (RFC 1123): dot-separated labels of letters, digits and
 # inner hyphens, 253 characters at most, an optional final dot; the last
@@ -188,7 +195,8 @@ def parse_peers(text):
         if not entry:
             continue
         if not valid_peer(entry):
-            problems.append((number, "not an IP address or host name: %r" % entry))
+            shown = entry if len(entry) <= 60 else entry[:60] + "..."
+            problems.append((number, "not an IP address or host name: %r" % shown))
             continue
         if entry not in seen:
             seen.add(entry)
@@ -384,6 +392,21 @@ class Sampler:
 # Probing
 # ---------------------------------------------------------------------------
 
+def read_peers_file(path):
+    """The text of a peers file: a regular file of at most MAX_PEERS_BYTES, not binary."""
+    # O_NONBLOCK: a FIFO put in the file's place must not block the agent.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        data = f.read(MAX_PEERS_BYTES + 1)
+    if len(data) > MAX_PEERS_BYTES:
+        raise ValueError("larger than %d bytes" % MAX_PEERS_BYTES)
+    if b"\0" in data:
+        raise ValueError("binary data (a NUL byte)")
+    return data.decode("utf-8", "replace")
+
+
 class PeerList:
     """peers.txt, re-read when it changes; the last good list stays in force.
 
@@ -415,22 +438,24 @@ class PeerList:
                 stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
                 if stamp == self._stamp and not force:
                     return False
-                with open(self.path, encoding="utf-8", errors="replace") as f:
-                    text = f.read()
+                text = read_peers_file(self.path)
             except FileNotFoundError:
                 self.faults.start("peers", "peers file %s not found: %s" % (
                     self.path, "keeping %d peers" % len(self.peers) if self._stamp
                     else "no peers to probe"))
                 return False
-            except OSError as e:
+            except (OSError, ValueError) as e:
                 self.faults.start("peers", "cannot read peers file %s: %s (keeping %d peers)" % (
-                    self.path, e.strerror or e, len(self.peers)))
+                    self.path, getattr(e, "strerror", None) or e, len(self.peers)))
                 return False
             self.faults.end("peers", "peers file %s readable again" % self.path)
             self._stamp = stamp
             peers, problems = parse_peers(text)
-            for number, message in problems:
+            for number, message in problems[:MAX_PEER_WARNINGS]:
                 log.warning("%s:%d: skipped: %s", self.path, number, message)
+            if len(problems) > MAX_PEER_WARNINGS:
+                log.warning("%s: %d more lines skipped", self.path,
+                            len(problems) - MAX_PEER_WARNINGS)
             changed = peers != self.entries
             if changed:
                 log.info("%d peers from %s", len(peers), self.path)
@@ -1428,12 +1453,56 @@ class Handler(socketserver.StreamRequestHandler):
 
     def handle(self):
         self.close_connection = False
+        self.buffer = b""
+        self.sock_timeout = IDLE_TIMEOUT
         try:
             while not self.close_connection:
                 self.handle_one_request()
         except (OSError, ValueError):
-            # The client went away or stopped reading: nothing to tell it.
+            # The client went away, stalled or stopped reading: nothing to tell it.
             self.close_connection = True
+
+    def recv(self, timeout):
+        if timeout != self.sock_timeout:
+            self.connection.settimeout(timeout)
+            self.sock_timeout = timeout
+        return self.connection.recv(65536)
+
+    def read_head(self):
+        """The next request head as a list of lines, [] when the client is done.
+
+        A keep-alive client may idle IDLE_TIMEOUT between requests; once a
+        request has begun, its whole head must arrive within HEAD_TIMEOUT,
+        so a client that trickles bytes cannot hold its thread for long.
+        """
+        buf = self.buffer.lstrip(b"\r\n")     # empty lines before a request are ignored
+        deadline = time.monotonic() + HEAD_TIMEOUT if buf else None
+        while True:
+            end = buf.find(b"\n\r\n")
+            end2 = buf.find(b"\n\n")
+            if end2 >= 0 and (end < 0 or end2 < end):
+                end, skip = end2, 2
+            else:
+                skip = 3
+            if end >= 0:
+                self.buffer = buf[end + skip:]
+                return buf[:end].decode("latin-1").split("\n")
+            if (b"\n" not in buf and len(buf) > MAX_REQUEST_LINE) or len(buf) > MAX_HEAD:
+                self.buffer = b""
+                return [buf[:MAX_REQUEST_LINE + 1].decode("latin-1"), "x" * (MAX_HEAD + 1)]
+            if deadline is None:
+                chunk = self.recv(IDLE_TIMEOUT)     # an idle client is closed silently
+            else:
+                try:
+                    chunk = self.recv(max(0.001, deadline - time.monotonic()))
+                except socket.timeout:
+                    self.reply_error(408, "request head not received in %g s" % HEAD_TIMEOUT)
+                    return []
+            if not chunk:
+                return []
+            buf = (buf + chunk).lstrip(b"\r\n")
+            if deadline is None and buf:
+                deadline = time.monotonic() + HEAD_TIMEOUT
 
     def finish(self):
         try:
@@ -1442,40 +1511,37 @@ class Handler(socketserver.StreamRequestHandler):
             pass
 
     def handle_one_request(self):
-        line = self.rfile.readline(MAX_REQUEST_LINE + 1)
-        if not line:
+        lines = self.read_head()
+        if not lines:
             self.close_connection = True
             return
-        if len(line) > MAX_REQUEST_LINE:
+        if len(lines[0]) > MAX_REQUEST_LINE:
             return self.reply_error(414, "request line too long")
-        parts = line.decode("latin-1").split()
+        if len(lines) > MAX_HEADERS + 1:
+            return self.reply_error(431, "too many header lines")
+        parts = lines[0].split()
         if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
             return self.reply_error(400, "bad request line")
         method, target, version = parts
         keep_alive = version == "HTTP/1.1"
         has_body = False
-        for _ in range(MAX_HEADERS + 1):
-            header = self.rfile.readline(MAX_HEADER_LINE + 1)
+        for header in lines[1:]:
             if len(header) > MAX_HEADER_LINE:
                 return self.reply_error(431, "header line too long")
-            if header in (b"\r\n", b"\n", b""):
-                break
-            name, _, value = header.partition(b":")
+            name, _, value = header.partition(":")
             name = name.strip().lower()
-            if name == b"connection":
+            if name == "connection":
                 value = value.strip().lower()
-                if b"close" in value:
+                if "close" in value:
                     keep_alive = False
-                elif b"keep-alive" in value:
+                elif "keep-alive" in value:
                     keep_alive = True
-            elif name in (b"content-length", b"transfer-encoding") and \
-                    value.strip() not in (b"0", b""):
+            elif name in ("content-length", "transfer-encoding") and \
+                    value.strip() not in ("0", ""):
                 has_body = True
-        else:
-            return self.reply_error(431, "too many header lines")
-        if not header:
-            self.close_connection = True
-            return
+        if target.startswith(("http://", "https://")):
+            # The absolute form (RFC 9112 3.2.2): the path follows the authority.
+            target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
         status, headers, body = render(self.server.state, method, target)
         # A body we do not read would be taken for the next request.
         self.close_connection = not keep_alive or has_body or status == 405
@@ -1583,19 +1649,49 @@ class Watchdog:
 # Command line
 # ---------------------------------------------------------------------------
 
+class SignalPipe:
+    """Signals delivered as bytes on a pipe, read by the main loop.
+
+    A Python signal handler runs on the main thread between two bytecodes,
+    possibly while that thread holds a lock (an Event's, logging's): a
+    handler that takes a lock itself can deadlock. Here the handlers do
+    nothing; the interpreter's C handler writes each signal number to the
+    wakeup pipe, and wait() reads them outside any lock.
+    """
+
+    def __init__(self, signums):
+        self._read, write = os.pipe()
+        os.set_blocking(write, False)
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        for signum in signums:
+            signal.signal(signum, self._ignore)
+
+    @staticmethod
+    def _ignore(signum, frame):
+        pass
+
+    def wait(self):
+        """Block until signals arrive; return the set of their numbers."""
+        return set(os.read(self._read, 512))
+
+
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, "%s: error: %s (see --help)\n" % (self.prog, message))
 
 
-def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a number" % text)
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError("%r must be a positive number" % text)
-    return value
+def seconds(low, high):
+    """An argparse type: a number of seconds from low to high."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not a number" % text)
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError("%r must be a number of seconds from %g to %g"
+                                             % (text, low, high))
+        return value
+    return parse
 
 
 def positive_int(text):
@@ -1609,20 +1705,35 @@ def positive_int(text):
 
 
 def port_number(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a port number" % text)
-    if not 0 <= value <= 65535:
+    if not re.fullmatch(r"[0-9]{1,5}", text) or int(text) > 65535:
         raise argparse.ArgumentTypeError("%r is not a port number (0-65535)" % text)
-    return value
+    return int(text)
 
 
 def ip_literal(text):
+    if "%" in text:
+        raise argparse.ArgumentTypeError("%r: scoped (zone id) addresses are not supported" % text)
     try:
         return str(ipaddress.ip_address(text.strip("[]")))
     except ValueError:
         raise argparse.ArgumentTypeError("%r is not an IPv4 or IPv6 address" % text)
+
+
+def program(text):
+    argv = shlex.split(text) if text.strip() else []
+    if not argv:
+        raise argparse.ArgumentTypeError("an empty command")
+    if os.sep in argv[0] and not (os.path.isfile(argv[0]) and os.access(argv[0], os.X_OK)):
+        # A missing program on PATH is a runtime fault (logged, latency null);
+        # a path that names no executable file is a typo.
+        raise argparse.ArgumentTypeError("%r is not an executable file" % argv[0])
+    return text
+
+
+def node_name(text):
+    if not text or len(text) > 253 or not text.isprintable():
+        raise argparse.ArgumentTypeError("%r: 1-253 printable characters" % text)
+    return text
 
 
 def directory(text):
@@ -1641,26 +1752,30 @@ def build_parser():
                    help="listen address (IPv4 or IPv6 literal)")
     p.add_argument("--peers", default=DEFAULT_PEERS, metavar="PATH",
                    help="peer list, one address or host name per line")
-    p.add_argument("--interval", type=positive_float, default=1.0, metavar="S",
-                   help="sampling period, seconds")
-    p.add_argument("--probe-interval", type=positive_float, default=5.0, metavar="S",
-                   help="latency round period, seconds")
-    p.add_argument("--probe-timeout", type=positive_float, default=1.0, metavar="S",
-                   help="per-probe reply timeout, seconds (ping -W)")
-    p.add_argument("--ping", default="ping", metavar="CMD", help="the ping program to run")
+    # /proc/stat advances in clock ticks (10 ms at USER_HZ=100): a shorter
+    # interval measures the tick, not the load.
+    p.add_argument("--interval", type=seconds(0.1, 3600), default=1.0, metavar="S",
+                   help="sampling period, seconds (0.1-3600)")
+    p.add_argument("--probe-interval", type=seconds(0.2, 3600), default=5.0, metavar="S",
+                   help="latency round period, seconds (0.2-3600)")
+    p.add_argument("--probe-timeout", type=seconds(0.01, 60), default=1.0, metavar="S",
+                   help="per-probe reply timeout, seconds (ping -W; below --probe-interval)")
+    p.add_argument("--ping", type=program, default="ping", metavar="CMD",
+                   help="the ping program to run")
     p.add_argument("--probe", choices=("ping", "icmp"), default="ping", metavar="ENGINE",
                    help="probe engine: ping runs the ping program, icmp sends echo requests "
                    "from the process itself (ping, icmp)")
     p.add_argument("--window", type=positive_int, default=DEFAULT_WINDOW, metavar="N",
                    help="rounds per peer over which /latency reports min, avg, max, mdev, loss")
-    p.add_argument("--node-name", default=os.environ.get("NODE_NAME") or socket.gethostname(),
+    p.add_argument("--node-name", type=node_name,
+                   default=os.environ.get("NODE_NAME") or socket.gethostname(),
                    metavar="NAME", help="nodeName in the output ($NODE_NAME, else the hostname)")
     p.add_argument("--procfs", type=directory, default="/proc", metavar="DIR",
                    help="where to read stat, meminfo and net/dev")
     p.add_argument("--sysfs", type=directory, default="/sys", metavar="DIR",
                    help="where to read class/net/*")
-    p.add_argument("--history", type=positive_float, default=300.0, metavar="S",
-                   help="how many seconds of samples GET /history keeps")
+    p.add_argument("--history", type=seconds(1, 86400), default=300.0, metavar="S",
+                   help="how many seconds of samples GET /history keeps (1-86400)")
     p.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warning", "error"), help="log level")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
@@ -1687,20 +1802,7 @@ def main(argv=None):
         return 1
 
     stop = threading.Event()
-    wake = threading.Event()
-    hup = threading.Event()
-
-    def on_stop(signum, frame):
-        stop.set()
-        wake.set()
-
-    def on_hup(signum, frame):
-        hup.set()
-        wake.set()
-
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, on_hup)
+    signals = SignalPipe((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
 
     peers = PeerList(args.peers, faults)
     peers.refresh()
@@ -1725,15 +1827,16 @@ def main(argv=None):
              __version__, "[%s]" % host if ":" in host else host, port,
              args.node_name, len(peers.peers))
 
-    while not stop.is_set():
-        wake.wait()
-        wake.clear()
-        if hup.is_set():
-            hup.clear()
+    while True:
+        received = signals.wait()
+        if signal.SIGTERM in received or signal.SIGINT in received:
+            break
+        if signal.SIGHUP in received:      # a burst of SIGHUPs is one re-read
             log.info("SIGHUP: re-reading %s", args.peers)
             if peers.refresh(force=True):
                 state.set_peers(peers.peers)
 
+    stop.set()
     sd_notify("STOPPING=1")
     log.info("stopping")
     server.shutdown()

@@ -146,12 +146,14 @@ class ProbeFaults(unittest.TestCase):
             self.assertEqual(agent.log().count("peer 127.0.0.2"), 1)
 
     def test_ping_missing_is_logged_once(self):
-        with Agent("--ping", os.path.join(self.dir, "no-such-ping"), "--probe-interval", "0.5", "--probe-timeout", "0.3",
+        # A program not on PATH is a fault at run time (a path naming no
+        # executable is a usage error, exit 2).
+        with Agent("--ping", "no-such-ping-program", "--probe-interval", "0.5", "--probe-timeout", "0.3",
                    peers="127.0.0.1\n") as agent:
             agent.wait_ready()
             time.sleep(2.5)
             log = agent.log()
-            self.assertEqual(log.count("no-such-ping"), 1, log)
+            self.assertEqual(log.count("no-such-ping-program"), 1, log)
             if "probing with the icmp engine" in log:
                 # Issue 4: without ping the agent sends echo requests itself.
                 self.assertIsInstance(agent.stats()["latency"]["127.0.0.1"], float)
@@ -258,6 +260,41 @@ class PeersFile(unittest.TestCase):
                 f.write("127.0.0.5\n")
             agent.wait_for(lambda d: d["latency"] == {"127.0.0.5": 1.5}, timeout=4)
 
+    def test_fifo_device_huge_and_binary_files_are_refused_not_read(self):
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        fifo = os.path.join(d, "fifo")
+        os.mkfifo(fifo)
+        huge = os.path.join(d, "huge")
+        with open(huge, "w") as f:
+            f.write("127.0.0.1\n" * 200_000)
+        binary = os.path.join(d, "binary")
+        with open(binary, "wb") as f:
+            f.write(b"127.0.0.1\n\x00\x01\x02ELF\n")
+        for path, reason in [(fifo, "not a regular file"), ("/dev/zero", "not a regular file"),
+                             (huge, "larger than"), (binary, "binary")]:
+            agent = Agent("--peers", path)
+            try:
+                agent.wait_ready(timeout=5)
+                self.assertEqual(agent.stats()["latency"], {})
+                log = agent.log()
+                self.assertIn(reason, log)
+                self.assertLess(len(log), 2000)
+                status, took = agent.stop()
+                self.assertEqual(status, 0)
+            finally:
+                agent.close()
+
+    def test_many_bad_lines_give_bounded_short_warnings(self):
+        text = "".join("-bad-%d %s\n" % (i, "x" * 1000) for i in range(500)) + "127.0.0.1\n"
+        with Agent("--probe-interval", "60", peers=text) as agent:
+            agent.wait_ready()
+            self.assertEqual(list(agent.stats()["latency"]), ["127.0.0.1"])
+            log = agent.log()
+            self.assertEqual(log.count(": skipped: "), 20)
+            self.assertIn("480 more lines skipped", log)
+            self.assertLess(max(len(l) for l in log.splitlines()), 300)
+
     def test_missing_file_means_no_peers_one_warning(self):
         with Agent("--probe-interval", "0.5", "--probe-timeout", "0.3") as agent:     # no peers file written
             agent.wait_ready()
@@ -280,7 +317,11 @@ class CommandLine(unittest.TestCase):
                  ["--bind", "localhost"], ["--bind", "1.2.3"], ["--log-level", "loud"],
                  ["--procfs", "/no/such/dir"], ["--sysfs", "/no/such/dir"],
                  ["--probe", "carrier-pigeon"], ["--bogus"], ["extra"],
-                 ["--probe-timeout", "5"]]
+                 ["--probe-timeout", "5"], ["--interval", "1e-9"], ["--interval", "0.001"],
+                 ["--interval", "1e9"], ["--bind", "::1%lo"], ["--port", " 80"],
+                 ["--port", "\u0668\u0660\u0668\u0660"], ["--port", "0x10"], ["--ping", ""],
+                 ["--ping", "/tmp"], ["--ping", "/no/such/ping"], ["--node-name", "a\x01b"],
+                 ["--node-name", ""], ["--history", "0"]]
         for case in cases:
             r = self.run_agent("--port", str(port), *case)
             self.assertEqual(r.returncode, 2, (case, r.stderr))
@@ -358,6 +399,24 @@ class CommandLine(unittest.TestCase):
 
 
 class Signals(unittest.TestCase):
+    def test_sighup_storm_then_sigterm(self):
+        # Signal handlers that took a lock deadlocked under a burst of SIGHUPs.
+        with Agent("--probe-interval", "2", peers="127.0.0.1\n") as agent:
+            agent.wait_ready()
+            for _ in range(2000):
+                agent.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.5)
+            self.assertEqual(agent.get("/stats")[0], 200)
+            with open(agent.peers, "w") as f:
+                f.write("127.0.0.9\n")
+            agent.proc.send_signal(signal.SIGHUP)
+            agent.wait_for(lambda d: list(d["latency"]) == ["127.0.0.9"], timeout=3,
+                           what="re-read after the storm")
+            status, took = agent.stop()
+            self.assertEqual(status, 0, agent.log())
+            self.assertLess(took, 2.0)
+            self.assertNotIn("Traceback", agent.log())
+
     def test_sigterm_and_sigint_exit_0_within_2s_even_mid_probe(self):
         d = tempfile.mkdtemp()
         self.addCleanup(shutil.rmtree, d)

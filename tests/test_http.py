@@ -3,6 +3,7 @@
 import http.client
 import json
 import re
+import select
 import socket
 import struct
 import threading
@@ -148,6 +149,34 @@ class Server(unittest.TestCase):
         many = b"".join(b"X-%d: 1\r\n" % i for i in range(200))
         out = raw_request(self.agent.port, b"GET /stats HTTP/1.1\r\n" + many + b"\r\n")
         self.assertTrue(out.startswith(b"HTTP/1.1 431 "), out[:40])
+
+    def test_absolute_form_and_leading_empty_lines(self):
+        out = raw_request(self.agent.port, b"\r\n\r\nGET http://node-1:8080/stats HTTP/1.1\r\n"
+                                           b"Host: node-1\r\nConnection: close\r\n\r\n")
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 OK"), out[:40])
+        self.assertIn(b'"nodeName"', out)
+
+    def test_bare_lf_line_endings(self):
+        out = raw_request(self.agent.port, b"GET /stats HTTP/1.1\nConnection: close\n\n")
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 OK"), out[:40])
+
+    def test_trickling_client_is_cut_off(self):
+        # One header line every 2 s would hold a thread forever if every byte
+        # restarted the timer; the whole head has 10 s.
+        with socket.create_connection(("127.0.0.1", self.agent.port), timeout=20) as s:
+            s.sendall(b"GET /stats HTTP/1.1\r\n")
+            t0 = time.monotonic()
+            answer = b""
+            for i in range(10):
+                readable, _, _ = select.select([s], [], [], 2)
+                if readable:
+                    answer = s.recv(4096)
+                    break
+                s.sendall(b"X-%d: 1\r\n" % i)
+            took = time.monotonic() - t0
+        self.assertTrue(answer.startswith(b"HTTP/1.1 408 "), answer[:40])
+        self.assertGreater(took, 9)
+        self.assertLess(took, 12)
 
     def test_garbage_request_400(self):
         out = raw_request(self.agent.port, b"hello\r\n\r\n")

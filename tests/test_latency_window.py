@@ -236,7 +236,7 @@ class AgentProcess(unittest.TestCase):
         self.assertLess(a["max"], 50)
 
     def test_missing_ping_program_falls_back_to_icmp(self):
-        doc, err = self.run_agent("--ping", "/nonexistent/ping")
+        doc, err = self.run_agent("--ping", "no-such-ping-program")
         self.assertEqual(doc["engine"], "icmp")
         self.assertEqual(doc["peers"]["127.0.0.1"]["received"], 4)
         self.assertEqual(err.count("probing with the icmp engine"), 1, err)
