@@ -68,6 +68,8 @@ MAX_PEER_WARNINGS = 20
 # How long past --probe-timeout a probe may run (fork, exec, name lookup)
 # before its child is killed.
 PROBE_MARGIN = 1.0
+# Output of one ping kept for parsing; the rest is read and dropped.
+PING_MAX_OUTPUT = 65536
 # Most probes in flight at once in one round.
 PROBE_MAX_INFLIGHT = 256
 # One round's probes start spread over at most this long (and a tenth of the
@@ -523,6 +525,7 @@ class PingEngine:
         inflight = {}
         sel = selectors.DefaultSelector()
         step, t0, started = probe_step(self.spread, len(peers)), time.monotonic(), 0
+        next_exit_check = t0 + 0.1
         try:
             while (pending or inflight) and not stop.is_set():
                 while pending and len(inflight) < PROBE_MAX_INFLIGHT and \
@@ -530,9 +533,11 @@ class PingEngine:
                     peer = pending.pop(0)
                     started += 1
                     try:
+                        # A session of its own: a wrapper's children die with it.
                         proc = subprocess.Popen(
                             self.argv(peer), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=self.env, close_fds=True)
+                            stderr=subprocess.STDOUT, env=self.env, close_fds=True,
+                            start_new_session=True)
                     except OSError as e:
                         self.faults.start("ping", "cannot run %s: %s; latency will be null" % (
                             self.argv0[0], e.strerror or e), logging.ERROR)
@@ -557,39 +562,65 @@ class PingEngine:
                     except BlockingIOError:
                         continue
                     if chunk:
-                        entry[3].append(chunk)
+                        if sum(map(len, entry[3])) < PING_MAX_OUTPUT:
+                            entry[3].append(chunk)
                         continue
                     sel.unregister(key.fd)
                     del inflight[key.fd]
                     results[entry[0]] = self._finish(entry)
                 now = time.monotonic()
+                check_exits = now >= next_exit_check
+                if check_exits:
+                    next_exit_check = now + 0.1
                 for fd, entry in list(inflight.items()):
-                    if now >= entry[2]:
-                        entry[1].kill()
-                        sel.unregister(fd)
-                        del inflight[fd]
+                    # A child that exited while something it started holds the
+                    # pipe open never gives EOF: its answer is complete anyway.
+                    if now < entry[2] and not (check_exits and self._exited(entry[1])):
+                        continue
+                    sel.unregister(fd)
+                    del inflight[fd]
+                    if now < entry[2]:
+                        entry[3].append(self._drain(fd))
+                        results[entry[0]] = self._finish(entry)
+                    else:
                         self._reap(entry[1])
                         results[entry[0]] = (None, "timeout")
         finally:
             for fd, entry in inflight.items():
-                entry[1].kill()
                 self._reap(entry[1])
             sel.close()
         return results
 
     @staticmethod
-    def _reap(proc):
+    def _exited(proc):
+        """True once the child has exited, without reaping it (its pid stays reserved)."""
         try:
-            proc.wait(1.0)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True
+
+    @staticmethod
+    def _drain(fd):
+        try:
+            return os.read(fd, PING_MAX_OUTPUT)
+        except OSError:
+            return b""
+
+    @staticmethod
+    def _reap(proc):
+        """Kill the probe's whole process group, then reap the child."""
+        try:
+            # Not yet reaped, so the group id cannot belong to anyone else.
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        proc.wait()
         proc.stdout.close()
 
     def _finish(self, entry):
         peer, proc, _, chunks = entry
         self._reap(proc)
-        out = b"".join(chunks).decode("utf-8", "replace")
+        out = b"".join(chunks)[:PING_MAX_OUTPUT].decode("utf-8", "replace")
         rtt = parse_ping(out)
         if rtt is not None:
             self.faults.end("ping", "%s works again" % self.argv0[0])

@@ -108,21 +108,19 @@ class ProbeFaults(unittest.TestCase):
 
     def calls_for(self, peer):
         try:
-            lines = open(self.calls).read().splitlines()
+            with open(self.calls) as f:
+                lines = f.read().splitlines()
         except FileNotFoundError:
             return []
         return [float(l.split()[0]) for l in lines if l.split()[-1] == peer]
 
     @unittest.skipUnless(PING, "needs the ping program")
     def test_hung_peer_is_killed_and_never_delays_others(self):
-        marker = "wm-hang-%d" % os.getpid()
+        # GNU sleep adds up its arguments: "30 0PID" sleeps 30 s and makes the
+        # hung child findable by its command line.
         ping = self.fake_ping('for last; do :; done\n'
-                              'if [ "$last" = 127.0.0.2 ]; then exec sleep 30 %s; fi\n'
-                              'exec %s "$@"\n' % (marker, PING))
-        # sleep's extra argument makes the hung child findable; sleep ignores it? No:
-        # GNU sleep adds its arguments up, so give it a number.
-        write_script(self.dir, "ping", open(ping).read().replace(
-            "sleep 30 %s" % marker, "sleep 30 0%s" % "".join(c for c in str(os.getpid()))))
+                              'if [ "$last" = 127.0.0.2 ]; then exec sleep 30 0%d; fi\n'
+                              'exec %s "$@"\n' % (os.getpid(), PING))
         with Agent("--ping", ping, "--probe-interval", "2", "--probe-timeout", "1",
                    peers="127.0.0.2\n127.0.0.1\n") as agent:
             agent.wait_ready()
@@ -138,7 +136,7 @@ class ProbeFaults(unittest.TestCase):
             gaps = [b - a for a, b in zip(live, live[1:])]
             for gap in gaps:
                 self.assertAlmostEqual(gap, 2.0, delta=0.3)
-            # Killed at timeout + margin: no sleep older than 2.5 s is left.
+            # Killed at timeout + margin: at most the current round's sleep is left.
             out = subprocess.run(["pgrep", "-f", "sleep 30 0%d" % os.getpid()],
                                  capture_output=True, text=True).stdout.split()
             self.assertLessEqual(len(out), 1)
@@ -181,11 +179,37 @@ class ProbeFaults(unittest.TestCase):
             agent.wait_ready()
             doc = agent.wait_for(lambda d: None not in d["latency"].values(), timeout=8)
             self.assertEqual(doc["latency"], {"127.0.0.1": 3.25, "::1": 3.25, "localhost": 3.25})
-            lines = open(self.calls).read().splitlines()
+            with open(self.calls) as f:
+                lines = f.read().splitlines()
             args = {l.split()[-1]: l.split(None, 2)[2] for l in lines}
             self.assertEqual(args["127.0.0.1"], "-n -c1 -W2 127.0.0.1")
             self.assertEqual(args["::1"], "-n -c1 -W2 -6 ::1")
             self.assertEqual(args["localhost"], "-n -c1 -W2 localhost")
+
+    def test_wrapper_children_are_killed_and_a_held_pipe_does_not_hide_the_reply(self):
+        marker = "77%d" % os.getpid()
+        # A wrapper that leaves a child holding its stdout: the reply is
+        # still read, and the child dies with the probe's process group.
+        ping = self.fake_ping('for last; do :; done\n'
+                              '(exec sleep %s) &\n'
+                              'echo "64 bytes from $last: icmp_seq=1 ttl=64 time=0.050 ms"\n' % marker)
+        hang = write_script(self.dir, "hang", "exec sleep 1%s\n" % marker)
+        with Agent("--ping", ping, "--probe-interval", "1", "--probe-timeout", "0.5",
+                   peers="127.0.0.1\n") as agent:
+            agent.wait_ready()
+            doc = agent.wait_for(lambda d: d["latency"]["127.0.0.1"] is not None, timeout=5)
+            self.assertEqual(doc["latency"]["127.0.0.1"], 0.05)
+            time.sleep(2.5)
+            self.assertEqual(agent.stats()["latency"]["127.0.0.1"], 0.05)
+            self.assertNotIn("timeout", agent.log())
+        with Agent("--ping", hang, "--probe-interval", "1", "--probe-timeout", "0.5",
+                   peers="127.0.0.1\n") as agent:
+            agent.wait_ready()
+            time.sleep(3)
+        time.sleep(0.3)
+        left = subprocess.run(["pgrep", "-f", "sleep 1?%s" % marker], capture_output=True,
+                              text=True).stdout.split()
+        self.assertEqual(left, [])
 
     def test_rtt_past_timeout_is_null(self):
         ping = self.fake_ping('for last; do :; done\n'
