@@ -84,6 +84,9 @@ DNS_TIMEOUT = 2.0
 DNS_REFRESH = 60.0
 DNS_RETRY = 15.0
 
+# Seconds the threads get to finish after SIGTERM (systemd and the SPEC allow 2).
+STOP_GRACE = 1.2
+
 # HTTP limits.
 MAX_REQUEST_LINE = 8190
 MAX_HEADER_LINE = 8190
@@ -350,6 +353,13 @@ class Sampler:
         cpu = rx = tx = None
         if prev["stat"] and cur["stat"]:
             cpu = cpu_usage(prev["stat"], cur["stat"])
+            # Every CPU ticks (busy or idle) 100 times a second: counters that
+            # stand still mean a stale file (a frozen or stuck mount).
+            path = os.path.join(self.procfs, "stat")
+            if cpu is None:
+                self.faults.start("frozen stat", "%s did not advance: cpu is null" % path)
+            else:
+                self.faults.end("frozen stat", "%s advances again" % path)
         mem = mem_usage(cur["meminfo"]) if cur["meminfo"] is not None else None
         if prev["netdev"] is not None and cur["netdev"] is not None:
             names = select_interfaces(list(cur["netdev"]), self.sysfs)
@@ -639,6 +649,11 @@ class PingEngine:
         return None, out.strip().splitlines()[-1][:200]
 
 
+# Errors of probes the agent could not attempt at all (engine-wide faults,
+# logged once as such): they count neither as sent nor as lost.
+NOT_SENT = frozenset(("cannot run ping", "not permitted", "no ICMP socket"))
+
+
 class Prober:
     """Probes every peer once per round on a fixed schedule."""
 
@@ -651,34 +666,42 @@ class Prober:
         self.rounds = 0
         self.probes = {}            # peer: (sent, answered) since start
         self.window = LatencyWindow(window)
+        self._window_lock = threading.Lock()    # SIGHUP publishes from the main thread
         self.publish_window(list(getattr(peers, "peers", [])))
 
-    def publish_window(self, peers):
-        self.state.set_latency_doc(self.window.document(
-            peers, getattr(self.engine, "name", None), self.interval,
-            getattr(self.engine, "timeout", None)))
+    def publish_window(self, peers, results=None, sent_at=None, probed_at=None):
+        """Record a round's results (if given) and publish /latency for peers."""
+        with self._window_lock:
+            if results is not None:
+                self.window.record(peers, results, sent_at, probed_at)
+            doc = self.window.document(peers, getattr(self.engine, "name", None),
+                                       self.interval, getattr(self.engine, "timeout", None))
+        self.state.set_latency_doc(doc)
+
+    def set_peers(self, peers):
+        """Publish a new peer list at once, before the next round probes it."""
+        self.state.set_peers(peers)
+        self.publish_window(peers)
 
     def round(self, stop):
         if self.peers.refresh():
-            self.state.set_peers(self.peers.peers)
+            self.set_peers(self.peers.peers)
         peers = list(self.peers.peers)
         probed_at = time.time()
         results = self.engine.probe(peers, stop) if peers else {}
         if stop.is_set():
             return
-        self.window.record(peers, results, getattr(self.engine, "sent_at", {}), probed_at)
-        self.publish_window(peers)
+        self.publish_window(peers, results, getattr(self.engine, "sent_at", {}), probed_at)
         latency = {}
         probes = {}
         for peer in peers:
             rtt, error = results.get(peer, (None, "not probed"))
             latency[peer] = rtt
             sent, answered = self.probes.get(peer, (0, 0))
-            # Only a probe that left the host counts as sent.
-            if error not in ("cannot run ping", "not permitted", "no ICMP socket"):
+            if error not in NOT_SENT:
                 sent += 1
             probes[peer] = (sent, answered + (rtt is not None))
-            if rtt is None and error not in ("cannot run ping", "not permitted", "no ICMP socket"):
+            if rtt is None and error not in NOT_SENT:
                 self.faults.start("peer " + peer, "peer %s: %s" % (peer, error))
             elif rtt is not None:
                 self.faults.end("peer " + peer, "peer %s: replying again (%.3f ms)" % (peer, rtt))
@@ -1143,8 +1166,10 @@ class LatencyWindow:
             rtt, error = results.get(peer, (None, "not probed"))
             entry = self.peers.setdefault(
                 peer, [collections.deque(maxlen=self.size), None, None])
-            entry[0].append(rtt)
             entry[1] = error if rtt is None else None
+            if error in NOT_SENT:
+                continue            # no probe left the host: no sample, no loss
+            entry[0].append(rtt)
             entry[2] = round(sent_at.get(peer, probed_at), 3)
 
     def stats(self, peer):
@@ -1865,15 +1890,19 @@ def main(argv=None):
         if signal.SIGHUP in received:      # a burst of SIGHUPs is one re-read
             log.info("SIGHUP: re-reading %s", args.peers)
             if peers.refresh(force=True):
-                state.set_peers(peers.peers)
+                prober.set_peers(peers.peers)
 
     stop.set()
     sd_notify("STOPPING=1")
     log.info("stopping")
-    server.shutdown()
+    # Everything stops in parallel under one deadline; the threads are
+    # daemons, so one that is still busy does not hold the exit.
+    deadline = time.monotonic() + STOP_GRACE
+    closer = threading.Thread(target=server.shutdown, name="http-stop", daemon=True)
+    closer.start()
+    for t in [closer] + threads[1:]:
+        t.join(max(0.0, deadline - time.monotonic()))
     server.server_close()
-    for t in threads[1:]:
-        t.join(1.5)
     return 0
 
 

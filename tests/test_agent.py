@@ -70,6 +70,12 @@ class KnownRates(unittest.TestCase):
         doc = self.agent.wait_for(lambda d: d["cpu"] is None, what="cpu null")
         self.assertEqual(doc["net"], {"rx": 0.0, "tx": 0.0})
         self.assertEqual(doc["mem"], 0.75)
+        time.sleep(2)
+        self.host.frozen = False
+        self.agent.wait_for(lambda d: d["cpu"] == 0.25, what="cpu back")
+        log = self.agent.log()
+        self.assertEqual(log.count("did not advance: cpu is null"), 1, log)
+        self.assertEqual(log.count("advances again"), 1, log)
 
 
 @unittest.skipUnless(PING, "needs the ping program (apt-get install iputils-ping)")
@@ -263,6 +269,9 @@ class PeersFile(unittest.TestCase):
             doc = agent.wait_for(lambda d: list(d["latency"]) == ["127.0.0.4", "127.0.0.1"],
                                  timeout=3, what="SIGHUP re-read")
             self.assertEqual(doc["latency"], {"127.0.0.4": None, "127.0.0.1": 1.5})
+            latency = json.loads(agent.get("/latency")[2])["peers"]
+            self.assertEqual(list(latency), ["127.0.0.4", "127.0.0.1"])
+            self.assertEqual(latency["127.0.0.4"]["sent"], 0)
 
     def test_unreadable_file_keeps_last_good_list(self):
         d = tempfile.mkdtemp()

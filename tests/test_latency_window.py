@@ -20,6 +20,17 @@ class Window(unittest.TestCase):
             window.record(list(peers), round_results, {}, 1000.0 + n)
         return window
 
+    def test_probes_that_could_not_be_attempted_are_no_loss(self):
+        # ping missing or not permitted: nothing left the host, so no sample and no loss.
+        window = self.fill(12, [{"a": (1.0, None)}, {"a": (None, "cannot run ping")},
+                                {"a": (None, "not permitted")}])
+        s = window.stats("a")
+        self.assertEqual((s["sent"], s["received"], s["loss"], s["last"], s["error"]),
+                         (1, 1, 0.0, 1.0, "not permitted"))
+        window = self.fill(12, [{"a": (None, "no ICMP socket")}])
+        s = window.stats("a")
+        self.assertEqual((s["sent"], s["loss"], s["error"]), (0, None, "no ICMP socket"))
+
     def test_statistics_over_the_window(self):
         rtts = [10.0, 12.0, None, 14.0]
         window = self.fill(12, [{"a": (r, None if r else "timeout")} for r in rtts])
