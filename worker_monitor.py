@@ -1504,13 +1504,13 @@ class Handler(socketserver.StreamRequestHandler):
     """
 
     server_version = "worker-monitor/" + __version__
-    timeout = IDLE_TIMEOUT
+    timeout = None          # see set_timeout()
     disable_nagle_algorithm = True
 
     def handle(self):
         self.close_connection = False
         self.buffer = b""
-        self.sock_timeout = IDLE_TIMEOUT
+        self.sock_timeout = None
         try:
             while not self.close_connection:
                 self.handle_one_request()
@@ -1518,9 +1518,21 @@ class Handler(socketserver.StreamRequestHandler):
             # The client went away, stalled or stopped reading: nothing to tell it.
             self.close_connection = True
 
+    def setup(self):
+        super().setup()
+        self.set_timeout(socket.SO_SNDTIMEO, IDLE_TIMEOUT)  # a client that never reads
+
+    def set_timeout(self, option, seconds):
+        # The kernel's own socket timeouts: a Python socket timeout would put
+        # a poll() before every recv() and send(), doubling the system calls
+        # of each request. An expired one raises BlockingIOError (EAGAIN).
+        usec = max(1000, int(seconds * 1e6))      # a zero timeval means "no timeout"
+        self.connection.setsockopt(socket.SOL_SOCKET, option,
+                                   struct.pack("ll", usec // 1000000, usec % 1000000))
+
     def recv(self, timeout):
         if timeout != self.sock_timeout:
-            self.connection.settimeout(timeout)
+            self.set_timeout(socket.SO_RCVTIMEO, timeout)
             self.sock_timeout = timeout
         return self.connection.recv(65536)
 
@@ -1551,7 +1563,7 @@ class Handler(socketserver.StreamRequestHandler):
             else:
                 try:
                     chunk = self.recv(max(0.001, deadline - time.monotonic()))
-                except socket.timeout:
+                except BlockingIOError:
                     self.reply_error(408, "request head not received in %g s" % HEAD_TIMEOUT)
                     return []
             if not chunk:
