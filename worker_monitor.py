@@ -1555,9 +1555,12 @@ class Handler(socketserver.StreamRequestHandler):
             if end >= 0:
                 self.buffer = buf[end + skip:]
                 return buf[:end].decode("latin-1").split("\n")
-            if (b"\n" not in buf and len(buf) > MAX_REQUEST_LINE) or len(buf) > MAX_HEAD:
-                self.buffer = b""
-                return [buf[:MAX_REQUEST_LINE + 1].decode("latin-1"), "x" * (MAX_HEAD + 1)]
+            if b"\n" not in buf and len(buf) > MAX_REQUEST_LINE:
+                self.reply_error(414, "request line too long")
+                return []
+            if len(buf) > MAX_HEAD:
+                self.reply_error(431, "request head larger than %d bytes" % MAX_HEAD)
+                return []
             if deadline is None:
                 chunk = self.recv(IDLE_TIMEOUT)     # an idle client is closed silently
             else:

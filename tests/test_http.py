@@ -146,6 +146,9 @@ class Server(unittest.TestCase):
     def test_oversized_header_431(self):
         out = raw_request(self.agent.port, b"GET /stats HTTP/1.1\r\nX: " + b"a" * 10000 + b"\r\n\r\n")
         self.assertTrue(out.startswith(b"HTTP/1.1 431 "), out[:40])
+        endless = b"".join(b"X-%d: %s\r\n" % (i, b"a" * 1000) for i in range(100))
+        out = raw_request(self.agent.port, b"GET /stats HTTP/1.1\r\n" + endless)  # no end
+        self.assertTrue(out.startswith(b"HTTP/1.1 431 "), out[:40])
         many = b"".join(b"X-%d: 1\r\n" % i for i in range(200))
         out = raw_request(self.agent.port, b"GET /stats HTTP/1.1\r\n" + many + b"\r\n")
         self.assertTrue(out.startswith(b"HTTP/1.1 431 "), out[:40])
