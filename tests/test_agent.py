@@ -486,7 +486,20 @@ class Signals(unittest.TestCase):
             self.assertEqual(rest[-1], "STOPPING=1")
 
     def test_no_notify_socket_is_a_no_op(self):
-        self.assertFalse(wm.sd_notify("READY=1") if "NOTIFY_SOCKET" not in os.environ else False)
+        from unittest import mock
+        with mock.patch.dict(os.environ):
+            os.environ.pop("NOTIFY_SOCKET", None)
+            self.assertFalse(wm.sd_notify("READY=1"))
+            os.environ["NOTIFY_SOCKET"] = "relative/path"     # not a socket address
+            self.assertFalse(wm.sd_notify("READY=1"))
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        path = os.path.join(d, "notify")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.bind(path)
+            with mock.patch.dict(os.environ, {"NOTIFY_SOCKET": path}):
+                self.assertTrue(wm.sd_notify("STATUS=x"))
+            self.assertEqual(sock.recv(64), b"STATUS=x")
 
 
 class OldestPython(unittest.TestCase):
