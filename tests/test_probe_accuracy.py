@@ -94,7 +94,10 @@ class ProbeAccuracy(unittest.TestCase):
                     self.assertIsNone(rtt, "%s round %d" % (peer, n))
                 else:
                     self.assertIsNotNone(rtt, "%s round %d" % (peer, n))
-                    self.assertAlmostEqual(rtt, applied, delta=1.0,
+                    # "Within a millisecond or two" (the issue); iputils prints an
+                    # RTT of 100 ms or more in whole milliseconds, half a ms more.
+                    resolution = 1.0 if engine == "ping" and applied >= 100 else 0.0
+                    self.assertAlmostEqual(rtt, applied, delta=2.0 + resolution / 2,
                                            msg="%s round %d" % (peer, n))
         # Set delays from 3 ms to 300 ms, IPv4 and IPv6: within a millisecond or two
         # (the median: a rare stall of a loaded machine may delay one answer).
