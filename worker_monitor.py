@@ -256,13 +256,17 @@ def net_bytes(prev, cur, names):
     return rx, tx
 
 
-def net_rates(prev, cur, elapsed, names):
-    """(rx, tx) in Mbit/s over names between two parse_net_dev() results."""
+def mbit_per_s(moved, elapsed):
+    """(rx, tx) bytes moved in elapsed seconds as Mbit/s, 3 decimals."""
     if elapsed is None or elapsed <= 0:
         return None, None
-    rx, tx = net_bytes(prev, cur, names)
     scale = 8 / 1e6 / elapsed
-    return round(rx * scale, 3), round(tx * scale, 3)
+    return round(moved[0] * scale, 3), round(moved[1] * scale, 3)
+
+
+def net_rates(prev, cur, elapsed, names):
+    """(rx, tx) in Mbit/s over names between two parse_net_dev() results."""
+    return mbit_per_s(net_bytes(prev, cur, names), elapsed)
 
 
 # ---------------------------------------------------------------------------
@@ -363,13 +367,13 @@ class Sampler:
         mem = mem_usage(cur["meminfo"]) if cur["meminfo"] is not None else None
         if prev["netdev"] is not None and cur["netdev"] is not None:
             names = select_interfaces(list(cur["netdev"]), self.sysfs)
-            rx, tx = net_rates(prev["netdev"], cur["netdev"],
-                               cur["mono"] - prev["mono"], names)
-            self.net_total = self.count_bytes(prev["netdev"], cur["netdev"], names)
+            moved = net_bytes(prev["netdev"], cur["netdev"], names)
+            rx, tx = mbit_per_s(moved, cur["mono"] - prev["mono"])
+            self.net_total = self.count_bytes(cur["netdev"], names, moved)
         self.state.set_sample(int(cur["time"]), cpu, mem, rx, tx, net_total=self.net_total)
         return True
 
-    def count_bytes(self, prev, cur, names):
+    def count_bytes(self, cur, names, moved):
         """Byte counters that start at the kernel's sum and only ever grow.
 
         Summing the kernel's counters directly would go down when a device
@@ -379,8 +383,7 @@ class Sampler:
         if self.net_total is None:
             return (sum(cur[n]["rx_bytes"] for n in names if n in cur),
                     sum(cur[n]["tx_bytes"] for n in names if n in cur))
-        rx, tx = net_bytes(prev, cur, names)
-        return self.net_total[0] + rx, self.net_total[1] + tx
+        return self.net_total[0] + moved[0], self.net_total[1] + moved[1]
 
     def run(self, stop):
         start = time.monotonic()
@@ -1437,42 +1440,44 @@ def history_count(target, state):
     return min(retention, math.ceil(int(text) / state.interval)), None
 
 
+def _json(status, body, *headers):
+    return status, [("Content-Type", JSON_TYPE)] + list(headers), body
+
+
+def _fresh(body, content_type=JSON_TYPE):
+    return 200, [("Content-Type", content_type), ("Cache-Control", "no-store")], body
+
+
+def _not_yet(message):
+    return _json(503, error_body(503, message), ("Retry-After", "1"))
+
+
 def render(state, method, target):
     """Answer one request without a socket: (status, [(header, value)], body)."""
     path = target.split("?", 1)[0]
     if method not in ("GET", "HEAD"):
-        return 405, [("Allow", ALLOWED), ("Content-Type", JSON_TYPE)], \
-            error_body(405, "method not allowed", allow=ALLOWED)
+        return _json(405, error_body(405, "method not allowed", allow=ALLOWED),
+                     ("Allow", ALLOWED))
     if path == "/stats":
         body = state.stats_body
-        if body is None:
-            return 503, [("Retry-After", "1"), ("Content-Type", JSON_TYPE)], \
-                error_body(503, "no sample yet")
-        return 200, [("Content-Type", JSON_TYPE), ("Cache-Control", "no-store")], body
+        return _not_yet("no sample yet") if body is None else _fresh(body)
     if path == "/latency":
         body = state.latency_body
-        if body is None:
-            return 503, [("Retry-After", "1"), ("Content-Type", JSON_TYPE)], \
-                error_body(503, "no probe round yet")
-        return 200, [("Content-Type", JSON_TYPE), ("Cache-Control", "no-store")], body
+        return _not_yet("no probe round yet") if body is None else _fresh(body)
     if path == "/metrics":
-        return 200, [("Content-Type", METRICS_TYPE), ("Cache-Control", "no-store")], \
-            state.metrics_body
+        return _fresh(state.metrics_body, METRICS_TYPE)
     if path == "/healthz":
         reason = state.health()
         if reason is None:
-            return 200, [("Content-Type", JSON_TYPE), ("Cache-Control", "no-store")], \
-                HEALTHY_BODY
-        return 503, [("Content-Type", JSON_TYPE), ("Cache-Control", "no-store")], \
-            json_bytes({"status": "unhealthy", "reason": reason})
+            return _fresh(HEALTHY_BODY)
+        status, headers, body = _fresh(json_bytes({"status": "unhealthy", "reason": reason}))
+        return 503, headers, body
     if path == "/history":
         count, problem = history_count(target, state)
         if problem:
-            return 400, [("Content-Type", JSON_TYPE)], error_body(400, problem)
-        return 200, [("Content-Type", JSON_TYPE), ("Cache-Control", "no-store")], \
-            state.history_body(count)
-    return 404, [("Content-Type", JSON_TYPE)], \
-        error_body(404, "not found", endpoints=list(ENDPOINTS))
+            return _json(400, error_body(400, problem))
+        return _fresh(state.history_body(count))
+    return _json(404, error_body(404, "not found", endpoints=list(ENDPOINTS)))
 
 
 _WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
