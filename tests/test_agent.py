@@ -233,17 +233,16 @@ class ProbeFaults(unittest.TestCase):
 
 
 class PeersFile(unittest.TestCase):
-    def ping(self, directory):
-        return write_script(directory, "ping", 'for last; do :; done\n'
-                            'echo "64 bytes from $last: icmp_seq=1 ttl=64 time=1.5 ms"\n')
+    def setUp(self):
+        # A stand-in for ping that answers every peer in 1.5 ms.
+        d = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, d)
+        self.ping = write_script(d, "ping", 'for last; do :; done\n'
+                                 'echo "64 bytes from $last: icmp_seq=1 ttl=64 time=1.5 ms"\n')
 
     def test_bad_lines_warned_by_number_good_ones_probed(self):
         text = "\ufeff127.0.0.1\r\n-c100 127.0.0.1\r\n\r\nnode a\r\n127.0.0.3 # ok\r\n$(id)\r\n"
-        with Agent(peers=text) as agent:
-            agent.proc.kill()
-        d = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, d)
-        with Agent("--ping", self.ping(d), peers=text) as agent:
+        with Agent("--ping", self.ping, peers=text) as agent:
             agent.wait_ready()
             doc = agent.wait_for(lambda d: d["latency"].get("127.0.0.1") is not None)
             self.assertEqual(doc["latency"], {"127.0.0.1": 1.5, "127.0.0.3": 1.5})
@@ -253,9 +252,7 @@ class PeersFile(unittest.TestCase):
             self.assertEqual(log.count("skipped"), 3)
 
     def test_change_is_picked_up_next_round_and_on_sighup(self):
-        d = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, d)
-        with Agent("--ping", self.ping(d), "--probe-interval", "1", "--probe-timeout", "0.5",
+        with Agent("--ping", self.ping, "--probe-interval", "1", "--probe-timeout", "0.5",
                    peers="127.0.0.1\n") as agent:
             agent.wait_ready()
             agent.wait_for(lambda d: d["latency"] == {"127.0.0.1": 1.5})
@@ -263,7 +260,7 @@ class PeersFile(unittest.TestCase):
                 f.write("127.0.0.2\n127.0.0.1\n")
             agent.wait_for(lambda d: d["latency"] == {"127.0.0.2": 1.5, "127.0.0.1": 1.5},
                            timeout=5, what="new peer probed")
-        with Agent("--ping", self.ping(d), "--probe-interval", "60",
+        with Agent("--ping", self.ping, "--probe-interval", "60",
                    peers="127.0.0.1\n") as agent:
             agent.wait_ready()
             agent.wait_for(lambda d: d["latency"] == {"127.0.0.1": 1.5})
@@ -279,9 +276,7 @@ class PeersFile(unittest.TestCase):
             self.assertEqual(latency["127.0.0.4"]["sent"], 0)
 
     def test_unreadable_file_keeps_last_good_list(self):
-        d = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, d)
-        with Agent("--ping", self.ping(d), "--probe-interval", "0.5", "--probe-timeout", "0.3",
+        with Agent("--ping", self.ping, "--probe-interval", "0.5", "--probe-timeout", "0.3",
                    peers="127.0.0.1\n") as agent:
             agent.wait_ready()
             agent.wait_for(lambda d: d["latency"] == {"127.0.0.1": 1.5})
